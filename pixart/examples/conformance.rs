@@ -158,9 +158,8 @@ fn run_transformer(a: &TransformerArgs) -> Result<()> {
     if a.controlnet.is_some() {
         bail!("transformer --controlnet is not supported yet (the ControlNet adapter lands in a later issue)");
     }
-    let inputs = load_inputs(&a.inputs)?;
-    let _ = (&inputs, &a.model, &a.out);
-    bail!("transformer mode: the model is being written (model-transformer)")
+    pixart::transformer::conformance::run_files(&a.model, &a.inputs, &a.out)?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------------------

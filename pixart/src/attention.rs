@@ -1,1 +1,338 @@
-//! (to be written)
+//! Multi-head attention for the PixArt blocks: `attn1` (self) and `attn2` (cross, over the text tokens).
+//!
+//! Default path: plain matmul + softmax, with the softmax in f32 whatever the model dtype (spec §6.6) and the
+//! text mask as an additive bias of −10000 on padded keys, exactly as diffusers' processor applies it.
+//! Padded keys that every row ignores are trimmed away before attention ([`TextKeys::new`]): `exp(−10000)`
+//! is exactly 0 in f32, so this changes no result and saves the key/value projections of the padding.
+//!
+//! With the `flash-attn` feature, on CUDA in f16/bf16, self-attention uses candle-flash-attn and
+//! cross-attention packs only the valid text tokens of every row (variable-length flash attention), which is
+//! what the bias approximates and what the original PixArt code does with xformers (spec §2.6, §6.16).
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::Linear;
+
+use crate::embeddings::linear;
+use crate::weights::WeightPath;
+use crate::{Error, Result};
+
+/// The projected text tokens as every cross-attention of one forward sees them. Built once per forward.
+#[derive(Debug, Clone)]
+pub enum TextKeys {
+    /// `(B, L, D)`: every key is attended to.
+    Dense(Tensor),
+    /// `(B, L, D)` plus an f32 bias `(B, 1, 1, L)`: 0 for kept keys, −10000 for padding.
+    Biased { tokens: Tensor, bias: Tensor },
+    /// Valid tokens of all rows back to back `(total, D)` and cumulative lengths `(B+1,)` u32 (flash path).
+    Packed { tokens: Tensor, cu_seqlens: Tensor, max_len: usize, lens: Vec<usize> },
+}
+
+/// How the text mask selects keys, decided on the host from the mask values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MaskPlan {
+    /// Use the first `len` tokens of every row, all of them valid: no bias.
+    Prefix { len: usize },
+    /// Use the first `len` tokens with the diffusers bias `(1 − mask)·(−10000)` over them.
+    Bias { len: usize, bias: Vec<f32> },
+    /// Binary mask: the valid token indices of each row (for packing).
+    Rows { valid: Vec<Vec<usize>> },
+}
+
+impl MaskPlan {
+    /// Plans the keys for a `(B, L)` mask (`None` = all valid). `packed` asks for [`MaskPlan::Rows`] when the
+    /// mask is binary and no row is empty (flash attention cannot express anything else).
+    pub fn new(mask: Option<&Tensor>, b: usize, l: usize, packed: bool) -> Result<Self> {
+        let Some(mask) = mask else {
+            return Ok(MaskPlan::Prefix { len: l });
+        };
+        if mask.dims() != [b, l] {
+            return Err(Error::InvalidInput {
+                field: "encoder_attention_mask",
+                message: format!("expected shape ({b}, {l}), got {:?}", mask.dims()),
+            });
+        }
+        let m = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let binary = m.iter().flatten().all(|v| *v == 0.0 || *v == 1.0);
+        let any_empty = m.iter().any(|row| row.iter().all(|v| *v == 0.0));
+        if packed && binary && !any_empty {
+            let valid = m.iter().map(|row| (0..l).filter(|&i| row[i] != 0.0).collect()).collect();
+            return Ok(MaskPlan::Rows { valid });
+        }
+        // A fully masked row softmaxes over all its (equally penalised) keys in diffusers: keep them all.
+        let len = if any_empty {
+            l
+        } else {
+            m.iter().map(|row| row.iter().rposition(|v| *v != 0.0).map_or(0, |p| p + 1)).max().unwrap_or(0)
+        };
+        if m.iter().all(|row| row[..len].iter().all(|v| *v == 1.0)) {
+            return Ok(MaskPlan::Prefix { len });
+        }
+        let bias = m.iter().flat_map(|row| row[..len].iter().map(|v| (1.0 - v) * -10000.0)).collect();
+        Ok(MaskPlan::Bias { len, bias })
+    }
+}
+
+impl TextKeys {
+    /// Applies `project` (the caption projection) to the text features `y` `(B, L, C)` restricted to the keys
+    /// the mask plan keeps.
+    pub fn new(y: &Tensor, plan: &MaskPlan, project: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let (b, l, _) = y.dims3()?;
+        match plan {
+            MaskPlan::Prefix { len } => {
+                let y = if *len == l { y.clone() } else { y.narrow(1, 0, *len)? };
+                Ok(TextKeys::Dense(project(&y)?))
+            }
+            MaskPlan::Bias { len, bias } => {
+                let y = if *len == l { y.clone() } else { y.narrow(1, 0, *len)? };
+                let bias = Tensor::from_slice(bias, (b, 1, 1, *len), y.device())?;
+                Ok(TextKeys::Biased { tokens: project(&y)?, bias })
+            }
+            MaskPlan::Rows { valid } => {
+                let mut idx = Vec::new();
+                let mut cu = vec![0u32];
+                for (r, row) in valid.iter().enumerate() {
+                    idx.extend(row.iter().map(|&i| (r * l + i) as u32));
+                    cu.push(idx.len() as u32);
+                }
+                let lens: Vec<usize> = valid.iter().map(|r| r.len()).collect();
+                let n = idx.len();
+                let idx = Tensor::from_vec(idx, n, y.device())?;
+                let flat = y.reshape((b * l, ()))?.index_select(&idx, 0)?;
+                let cu_seqlens = Tensor::from_vec(cu, b + 1, y.device())?;
+                let max_len = lens.iter().copied().max().unwrap_or(0);
+                Ok(TextKeys::Packed { tokens: project(&flat)?, cu_seqlens, max_len, lens })
+            }
+        }
+    }
+}
+
+/// Whether the fused flash-attention kernels apply to tensors like `x`.
+pub fn flash_available(x: &Tensor) -> bool {
+    cfg!(feature = "flash-attn") && x.device().is_cuda() && matches!(x.dtype(), DType::F16 | DType::BF16)
+}
+
+/// `to_q`, `to_k`, `to_v`, `to_out.0`, with `heads × head_dim` = query width.
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    pub fn load(
+        p: &WeightPath<'_>,
+        query_dim: usize,
+        kv_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: linear(p, "to_q", query_dim, inner, bias)?,
+            to_k: linear(p, "to_k", kv_dim, inner, bias)?,
+            to_v: linear(p, "to_v", kv_dim, inner, bias)?,
+            // diffusers' `out_bias` defaults to True regardless of `attention_bias`.
+            to_out: linear(p, "to_out.0", inner, query_dim, true)?,
+            heads,
+            head_dim,
+        })
+    }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// `(B, T, H·hd)` to `(B, H, T, hd)`, contiguous.
+    fn split_heads(&self, t: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = t.dims3()?;
+        Ok(t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// Self-attention over the image tokens `x` `(B, N, D)`.
+    pub fn self_attention(&self, x: &Tensor) -> Result<Tensor> {
+        let _span = tracing::trace_span!("attn1").entered();
+        let (b, n, _) = x.dims3()?;
+        if flash_available(x) {
+            return self.self_attention_flash(x);
+        }
+        let q = self.split_heads(&(self.to_q.forward(x)? * self.scale())?)?;
+        let k = self.split_heads(&self.to_k.forward(x)?)?;
+        let v = self.split_heads(&self.to_v.forward(x)?)?;
+        let o = attend(&q, &k, &v, None)?;
+        let o = o.transpose(1, 2)?.reshape((b, n, ()))?;
+        Ok(self.to_out.forward(&o)?)
+    }
+
+    /// Cross-attention from the image tokens `x` `(B, N, D)` to the text keys.
+    pub fn cross_attention(&self, x: &Tensor, text: &TextKeys) -> Result<Tensor> {
+        let _span = tracing::trace_span!("attn2").entered();
+        let (b, n, _) = x.dims3()?;
+        let (tokens, bias) = match text {
+            TextKeys::Dense(t) => (t, None),
+            TextKeys::Biased { tokens, bias } => (tokens, Some(bias)),
+            TextKeys::Packed { tokens, cu_seqlens, max_len, lens } => {
+                return self.cross_attention_packed(x, tokens, cu_seqlens, *max_len, lens);
+            }
+        };
+        let q = self.split_heads(&(self.to_q.forward(x)? * self.scale())?)?;
+        let k = self.split_heads(&self.to_k.forward(tokens)?)?;
+        let v = self.split_heads(&self.to_v.forward(tokens)?)?;
+        let o = attend(&q, &k, &v, bias)?;
+        let o = o.transpose(1, 2)?.reshape((b, n, ()))?;
+        Ok(self.to_out.forward(&o)?)
+    }
+
+    #[cfg(feature = "flash-attn")]
+    fn self_attention_flash(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let shape = (b, n, self.heads, self.head_dim);
+        let q = self.to_q.forward(x)?.reshape(shape)?;
+        let k = self.to_k.forward(x)?.reshape(shape)?;
+        let v = self.to_v.forward(x)?.reshape(shape)?;
+        let o = candle_flash_attn::flash_attn(&q, &k, &v, self.scale() as f32, false)?;
+        Ok(self.to_out.forward(&o.reshape((b, n, ()))?)?)
+    }
+
+    #[cfg(not(feature = "flash-attn"))]
+    fn self_attention_flash(&self, _x: &Tensor) -> Result<Tensor> {
+        unreachable!("flash_available() is false without the flash-attn feature")
+    }
+
+    /// Packed keys: flash attention over each row's valid tokens; without the kernel (CPU, f32) the rows are
+    /// attended one by one, which is the same computation.
+    fn cross_attention_packed(
+        &self,
+        x: &Tensor,
+        tokens: &Tensor,
+        cu_seqlens: &Tensor,
+        max_len: usize,
+        lens: &[usize],
+    ) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let k = self.to_k.forward(tokens)?;
+        let v = self.to_v.forward(tokens)?;
+        if flash_available(x) {
+            return self.cross_attention_varlen(x, &k, &v, cu_seqlens, max_len);
+        }
+        let q = self.split_heads(&(self.to_q.forward(x)? * self.scale())?)?;
+        let mut outs = Vec::with_capacity(b);
+        let mut start = 0;
+        for (r, &len) in lens.iter().enumerate() {
+            let kr = self.split_heads(&k.narrow(0, start, len)?.unsqueeze(0)?)?;
+            let vr = self.split_heads(&v.narrow(0, start, len)?.unsqueeze(0)?)?;
+            outs.push(attend(&q.narrow(0, r, 1)?, &kr, &vr, None)?);
+            start += len;
+        }
+        let o = Tensor::cat(&outs, 0)?.transpose(1, 2)?.reshape((b, n, ()))?;
+        Ok(self.to_out.forward(&o)?)
+    }
+
+    #[cfg(feature = "flash-attn")]
+    fn cross_attention_varlen(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cu_seqlens_k: &Tensor,
+        max_len: usize,
+    ) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let q = self.to_q.forward(x)?.reshape((b * n, self.heads, self.head_dim))?;
+        let total = k.dim(0)?;
+        let k = k.reshape((total, self.heads, self.head_dim))?;
+        let v = v.reshape((total, self.heads, self.head_dim))?;
+        let cu_q: Vec<u32> = (0..=b).map(|i| (i * n) as u32).collect();
+        let cu_q = Tensor::from_vec(cu_q, b + 1, x.device())?;
+        let o = candle_flash_attn::flash_attn_varlen(
+            &q,
+            &k,
+            &v,
+            &cu_q,
+            cu_seqlens_k,
+            n,
+            max_len,
+            self.scale() as f32,
+            false,
+        )?;
+        Ok(self.to_out.forward(&o.reshape((b, n, ()))?)?)
+    }
+
+    #[cfg(not(feature = "flash-attn"))]
+    fn cross_attention_varlen(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<Tensor> {
+        unreachable!("flash_available() is false without the flash-attn feature")
+    }
+}
+
+/// `softmax(q·kᵀ + bias)·v` over `(B, H, T, hd)` tensors, `q` already scaled; softmax in f32.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let scores = q.matmul(&k.t()?)?;
+    let scores = if scores.dtype() == DType::F32 { scores } else { scores.to_dtype(DType::F32)? };
+    let scores = match bias {
+        Some(bias) => scores.broadcast_add(bias)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = if probs.dtype() == v.dtype() { probs } else { probs.to_dtype(v.dtype())? };
+    Ok(probs.matmul(v)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn mask_plans() {
+        let dev = Device::Cpu;
+        let m = Tensor::new(&[[1f32, 1., 0., 0.], [1., 0., 0., 0.]], &dev).unwrap();
+        match MaskPlan::new(Some(&m), 2, 4, false).unwrap() {
+            MaskPlan::Bias { len, bias } => {
+                assert_eq!(len, 2);
+                assert_eq!(bias, vec![0.0, 0.0, 0.0, -10000.0]);
+            }
+            p => panic!("{p:?}"),
+        }
+        let m = Tensor::new(&[[1i64, 1, 1, 0]], &dev).unwrap();
+        assert_eq!(MaskPlan::new(Some(&m), 1, 4, false).unwrap(), MaskPlan::Prefix { len: 3 });
+        let m = Tensor::new(&[[1f32, 0., 1., 0.], [0., 0., 0., 0.]], &dev).unwrap();
+        match MaskPlan::new(Some(&m), 2, 4, true).unwrap() {
+            MaskPlan::Bias { len, .. } => assert_eq!(len, 4, "an empty row keeps every key"),
+            p => panic!("{p:?}"),
+        }
+        let m = Tensor::new(&[[1f32, 0., 1., 0.], [1., 1., 0., 0.]], &dev).unwrap();
+        assert_eq!(MaskPlan::new(Some(&m), 2, 4, true).unwrap(), MaskPlan::Rows { valid: vec![vec![0, 2], vec![0, 1]] });
+        assert!(MaskPlan::new(Some(&m), 2, 5, false).is_err());
+    }
+
+    /// The packed (flash-style) key layout computes the same attention as the diffusers bias.
+    #[test]
+    fn packed_rows_match_bias() {
+        use crate::weights::Weights;
+        use std::collections::HashMap;
+        let dev = Device::Cpu;
+        let d = 16;
+        let mut map = HashMap::new();
+        for n in ["to_q", "to_k", "to_v", "to_out.0"] {
+            map.insert(format!("a.{n}.weight"), Tensor::randn(0f32, 0.5, (d, d), &dev).unwrap());
+            map.insert(format!("a.{n}.bias"), Tensor::randn(0f32, 0.1, d, &dev).unwrap());
+        }
+        let w = Weights::from_tensors(map, DType::F32, &dev);
+        let attn = Attention::load(&w.pp("a"), d, d, 2, 8, true).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, d), &dev).unwrap();
+        let y = Tensor::randn(0f32, 1.0, (2, 6, d), &dev).unwrap();
+        let mask = Tensor::new(&[[1f32, 0., 1., 1., 0., 0.], [1., 1., 0., 0., 0., 0.]], &dev).unwrap();
+        let id = |t: &Tensor| Ok(t.clone());
+        let biased = TextKeys::new(&y, &MaskPlan::new(Some(&mask), 2, 6, false).unwrap(), id).unwrap();
+        let packed = TextKeys::new(&y, &MaskPlan::new(Some(&mask), 2, 6, true).unwrap(), id).unwrap();
+        assert!(matches!(biased, TextKeys::Biased { .. }));
+        assert!(matches!(packed, TextKeys::Packed { .. }));
+        let a = attn.cross_attention(&x, &biased).unwrap();
+        let b = attn.cross_attention(&x, &packed).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+}

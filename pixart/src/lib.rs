@@ -11,5 +11,6 @@ pub mod scheduler;
 pub mod text_encoder;
 pub mod transformer;
 pub mod vae;
+pub mod weights;
 
 pub use error::{Error, Result};

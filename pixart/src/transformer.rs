@@ -1,1 +1,426 @@
-//! (to be written)
+//! `PixArtTransformer2DModel`: the PixArt-α diffusion transformer, as diffusers computes it (spec §2).
+//!
+//! The forward is split into public pieces so the ControlNet-Transformer adapter (spec §5) can interleave its
+//! own blocks without re-implementing anything: [`PixArtTransformer::prepare`] (patch embedding, timestep and
+//! caption conditioning), the public [`PixArtTransformer::transformer_blocks`] (each a [`PixArtBlock`] taking
+//! the shared [`Conditioning`]) and [`FinalLayer::forward`] (modulation, projection, unpatchify).
+
+use std::path::Path;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
+use candle_nn::Linear;
+
+use crate::attention::{Attention, MaskPlan, TextKeys, flash_available};
+use crate::config::{FeedForwardActivation, TransformerConfig};
+use crate::embeddings::{AdaLayerNormSingle, CaptionProjection, PatchEmbed, linear};
+use crate::weights::{WeightPath, Weights};
+use crate::{Error, Result};
+
+/// Checkpoint entries that diffusers ignores and so do we: the learned null caption some converters kept
+/// (spec §2.4) and the positional buffer (recomputed for every grid).
+const IGNORED_TENSORS: &[&str] = &["caption_projection.y_embedding", "pos_embed.pos_embed"];
+
+/// Everything the blocks need besides the image tokens, computed once per forward.
+pub struct Conditioning {
+    /// `(B, 6, D)`: `adaln_single.linear(silu(emb))`, added to every block's `scale_shift_table`.
+    pub t0: Tensor,
+    /// `(B, D)`: `emb`, used by the final layer.
+    pub embedded_timestep: Tensor,
+    /// The projected caption as cross-attention keys (trimmed, biased or packed).
+    pub text: TextKeys,
+    /// Token grid `(h, w)` = latent size / patch size.
+    pub grid: (usize, usize),
+}
+
+/// `LN(x)·(1 + scale) + shift` over the last dim, no affine weights, two-pass statistics.
+///
+/// One fused pass on the CPU (f32); other dtypes and devices fall back to the same arithmetic in f32 with
+/// tensor ops. Two-pass (rather than `E[x²] − E[x]²`, which candle's fused layer norm uses) because DiT hidden
+/// states can carry large means and the cancellation would cost digits.
+pub fn modulated_layer_norm(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f64) -> Result<Tensor> {
+    let (b, _n, d) = x.dims3()?;
+    let scale = scale.reshape((b, d))?;
+    let shift = shift.reshape((b, d))?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let x = x.contiguous()?;
+        let scale = scale.contiguous()?;
+        let shift = shift.contiguous()?;
+        return Ok(x.apply_op3_no_bwd(&scale, &shift, &ModulatedLayerNorm { eps })?);
+    }
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(2)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(2)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let scale = (scale.to_dtype(DType::F32)?.unsqueeze(1)? + 1.0)?;
+    let shift = shift.to_dtype(DType::F32)?.unsqueeze(1)?;
+    Ok(xn.broadcast_mul(&scale)?.broadcast_add(&shift)?.to_dtype(dtype)?)
+}
+
+struct ModulatedLayerNorm {
+    eps: f64,
+}
+
+impl CustomOp3 for ModulatedLayerNorm {
+    fn name(&self) -> &'static str {
+        "modulated-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let slice = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Vec<f32>> {
+            let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+                candle_core::bail!("modulated-layer-norm: expected contiguous f32")
+            };
+            Ok(v[a..b].to_vec())
+        };
+        let (CpuStorage::F32(xv), Some((xa, xb))) = (s1, l1.contiguous_offsets()) else {
+            candle_core::bail!("modulated-layer-norm: expected contiguous f32")
+        };
+        let x = &xv[xa..xb];
+        let scale = slice(s2, l2)?;
+        let shift = slice(s3, l3)?;
+        let (b, n, d) = l1.shape().dims3()?;
+        let mut out = vec![0f32; x.len()];
+        let eps = self.eps as f32;
+        for bi in 0..b {
+            let sc = &scale[bi * d..(bi + 1) * d];
+            let sh = &shift[bi * d..(bi + 1) * d];
+            let rows = bi * n * d..(bi + 1) * n * d;
+            for (src, dst) in x[rows.clone()].chunks_exact(d).zip(out[rows].chunks_exact_mut(d)) {
+                let mean = src.iter().sum::<f32>() / d as f32;
+                let var = src.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for i in 0..d {
+                    dst[i] = (src[i] - mean) * rstd * (1.0 + sc[i]) + sh[i];
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `ff`: `net.2(gelu_tanh(net.0.proj(x)))`, hidden width 4·D.
+pub struct FeedForward {
+    pub proj_in: Linear,
+    pub proj_out: Linear,
+    pub activation: FeedForwardActivation,
+}
+
+impl FeedForward {
+    pub fn load(p: &WeightPath<'_>, dim: usize, activation: FeedForwardActivation) -> Result<Self> {
+        let net = p.pp("net");
+        Ok(Self {
+            proj_in: linear(&net.pp("0"), "proj", dim, 4 * dim, true)?,
+            proj_out: linear(&net, "2", 4 * dim, dim, true)?,
+            activation,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _span = tracing::trace_span!("ff").entered();
+        let h = self.proj_in.forward(x)?;
+        let h = match self.activation {
+            FeedForwardActivation::GeluTanh => h.gelu()?,
+            FeedForwardActivation::GeluErf => h.gelu_erf()?,
+        };
+        Ok(self.proj_out.forward(&h)?)
+    }
+}
+
+/// One `BasicTransformerBlock` with `norm_type = "ada_norm_single"` (spec §2.5).
+pub struct PixArtBlock {
+    /// `(6, D)`: shift/scale/gate for attention, then for the feed-forward.
+    pub scale_shift_table: Tensor,
+    pub attn1: Attention,
+    pub attn2: Attention,
+    pub ff: FeedForward,
+    pub eps: f64,
+}
+
+impl PixArtBlock {
+    pub fn load(p: &WeightPath<'_>, cfg: &TransformerConfig) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let (h, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
+        Ok(Self {
+            scale_shift_table: p.get("scale_shift_table", (6, d))?,
+            attn1: Attention::load(&p.pp("attn1"), d, d, h, hd, cfg.attention_bias)?,
+            attn2: Attention::load(&p.pp("attn2"), d, cfg.cross_attention_dim, h, hd, cfg.attention_bias)?,
+            ff: FeedForward::load(&p.pp("ff"), d, cfg.activation_fn)?,
+            eps: cfg.norm_eps,
+        })
+    }
+
+    /// `x` `(B, N, D)` → `(B, N, D)`.
+    pub fn forward(&self, x: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let m = cond.t0.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, 6, D)
+        let chunk = |i: usize| m.narrow(1, i, 1);
+        let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
+        let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
+
+        let h = {
+            let _s = tracing::trace_span!("norm").entered();
+            modulated_layer_norm(x, &scale_msa, &shift_msa, self.eps)?
+        };
+        let a = self.attn1.self_attention(&h)?;
+        let x = (x + a.broadcast_mul(&gate_msa)?)?;
+
+        // Cross-attention: no norm, no modulation, no gate.
+        let x = (&x + self.attn2.cross_attention(&x, &cond.text)?)?;
+
+        let h = {
+            let _s = tracing::trace_span!("norm").entered();
+            modulated_layer_norm(&x, &scale_mlp, &shift_mlp, self.eps)?
+        };
+        let f = self.ff.forward(&h)?;
+        Ok((x + f.broadcast_mul(&gate_mlp)?)?)
+    }
+}
+
+/// `norm_out` + `scale_shift_table` + `proj_out` + unpatchify (spec §2.7).
+pub struct FinalLayer {
+    /// `(2, D)`: shift, scale.
+    pub scale_shift_table: Tensor,
+    pub proj_out: Linear,
+    pub patch_size: usize,
+    pub out_channels: usize,
+}
+
+impl FinalLayer {
+    /// Tokens `(B, N, D)` → output `(B, out_channels, h·p, w·p)`.
+    pub fn forward(&self, x: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let _span = tracing::trace_span!("final").entered();
+        let (b, _, _) = x.dims3()?;
+        let (h, w) = cond.grid;
+        let (p, c) = (self.patch_size, self.out_channels);
+        let m = cond.embedded_timestep.unsqueeze(1)?.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
+        let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
+        // diffusers' norm_out has a hard-coded eps of 1e-6, independent of `norm_eps`.
+        let x = modulated_layer_norm(x, &scale, &shift, 1e-6)?;
+        let x = self.proj_out.forward(&x)?;
+        Ok(x.reshape((b, h, w, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c, h * p, w * p))?)
+    }
+}
+
+/// The PixArt-α transformer. All parts are public so adapters can reuse them.
+pub struct PixArtTransformer {
+    pub config: TransformerConfig,
+    pub pos_embed: PatchEmbed,
+    pub adaln_single: AdaLayerNormSingle,
+    pub caption_projection: CaptionProjection,
+    pub transformer_blocks: Vec<PixArtBlock>,
+    pub final_layer: FinalLayer,
+    dtype: DType,
+    device: candle_core::Device,
+    num_parameters: usize,
+}
+
+impl PixArtTransformer {
+    /// Loads a diffusers `transformer/` directory (`config.json` + `diffusion_pytorch_model.safetensors`).
+    pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &candle_core::Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let _span = tracing::info_span!("transformer.load", dir = %dir.display()).entered();
+        let config = TransformerConfig::from_file(dir.join("config.json"))?;
+        let weights = Weights::from_safetensors(dir.join("diffusion_pytorch_model.safetensors"), dtype, device)?;
+        Self::new(config, &weights)
+    }
+
+    /// Builds the model from named weights; every expected tensor must be present with its exact shape, and
+    /// every tensor in the source must be used (apart from [`IGNORED_TENSORS`]).
+    pub fn new(config: TransformerConfig, weights: &Weights) -> Result<Self> {
+        let root = weights.pp("");
+        let d = config.inner_dim();
+        let pos_embed = PatchEmbed::load(&root.pp("pos_embed"), &config)?;
+        let adaln_single = AdaLayerNormSingle::load(&root.pp("adaln_single"), &config)?;
+        let caption_projection = CaptionProjection::load(&root.pp("caption_projection"), &config)?;
+        let transformer_blocks = (0..config.num_layers)
+            .map(|i| PixArtBlock::load(&root.pp(format!("transformer_blocks.{i}")), &config))
+            .collect::<Result<Vec<_>>>()?;
+        let p = config.patch_size;
+        let final_layer = FinalLayer {
+            scale_shift_table: root.get("scale_shift_table", (2, d))?,
+            proj_out: linear(&root, "proj_out", d, p * p * config.out_channels, true)?,
+            patch_size: p,
+            out_channels: config.out_channels,
+        };
+        let unused: Vec<String> =
+            weights.unused().into_iter().filter(|n| !IGNORED_TENSORS.contains(&n.as_str())).collect();
+        if let Some(name) = unused.first() {
+            let hint = if name.contains("resolution_embedder") || name.contains("aspect_ratio_embedder") {
+                " (the config disables micro-conditions but the checkpoint has them: check `sample_size` / \
+                 `use_additional_conditions`)"
+            } else {
+                ""
+            };
+            return Err(Error::Tensor {
+                name: name.clone(),
+                message: format!(
+                    "unexpected tensor in the checkpoint{hint}; {} unexpected tensor(s) in all",
+                    unused.len()
+                ),
+            });
+        }
+        Ok(Self {
+            config,
+            pos_embed,
+            adaln_single,
+            caption_projection,
+            transformer_blocks,
+            final_layer,
+            dtype: weights.dtype(),
+            device: weights.device().clone(),
+            num_parameters: weights.used_parameter_count(),
+        })
+    }
+
+    /// Parameters loaded from the checkpoint (611,349,152 for PixArt-XL-2-1024-MS).
+    pub fn num_parameters(&self) -> usize {
+        self.num_parameters
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
+    }
+
+    /// Embeds the latents and builds the shared conditioning (spec §2.1 steps 1–3).
+    ///
+    /// * `x` `(B, in_channels, H, W)`, H and W multiples of the patch size (any aspect ratio);
+    /// * `timestep` `(B,)` float (a single value is broadcast to the batch);
+    /// * `y` `(B, L, caption_channels)` text features; `mask` `(B, L)` 1 keep / 0 pad, any dtype;
+    /// * `res_ar` = `(resolution (B, 2) [H, W] px, aspect_ratio (B, 1))`, required by micro-condition models.
+    ///
+    /// Returns the image tokens `(B, N, D)` (in the model dtype) and the conditioning.
+    pub fn prepare(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        y: &Tensor,
+        mask: Option<&Tensor>,
+        res_ar: Option<(&Tensor, &Tensor)>,
+    ) -> Result<(Tensor, Conditioning)> {
+        let _span = tracing::trace_span!("embed").entered();
+        let cfg = &self.config;
+        let dims = x.dims();
+        if dims.len() != 4 {
+            return Err(Error::InvalidInput {
+                field: "hidden_states",
+                message: format!("expected (B, {}, H, W), got {dims:?}", cfg.in_channels),
+            });
+        }
+        let b = dims[0];
+        let grid = (dims[2] / cfg.patch_size, dims[3] / cfg.patch_size);
+        let x = x.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let tokens = self.pos_embed.forward(&x)?;
+
+        let timestep = match timestep.elem_count() {
+            n if n == b => timestep.flatten_all()?,
+            1 => timestep.flatten_all()?.broadcast_as(b)?,
+            _ => {
+                return Err(Error::InvalidInput {
+                    field: "timestep",
+                    message: format!("expected ({b},) or a single value, got {:?}", timestep.dims()),
+                });
+            }
+        };
+        let timestep = timestep.to_device(&self.device)?;
+        let res_ar = match res_ar {
+            Some((r, a)) => Some((r.to_device(&self.device)?, a.to_device(&self.device)?)),
+            None => None,
+        };
+        let tc = self.adaln_single.forward(&timestep, res_ar.as_ref().map(|(r, a)| (r, a)), self.dtype)?;
+
+        let y_dims = y.dims();
+        if y_dims.len() != 3 || y_dims[0] != b || y_dims[2] != cfg.caption_channels {
+            return Err(Error::InvalidInput {
+                field: "encoder_hidden_states",
+                message: format!("expected ({b}, L, {}), got {y_dims:?}", cfg.caption_channels),
+            });
+        }
+        let l = y_dims[1];
+        let y = y.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let plan = MaskPlan::new(mask, b, l, flash_available(&y))?;
+        let text = TextKeys::new(&y, &plan, |t| self.caption_projection.forward(t))?;
+        Ok((tokens, Conditioning { t0: tc.t0, embedded_timestep: tc.embedded_timestep, text, grid }))
+    }
+
+    /// The full forward: `(B, out_channels, H, W)` in the model dtype (learned-sigma channels included).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        y: &Tensor,
+        mask: Option<&Tensor>,
+        res_ar: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, _, hh, ww) = x.dims4().map_err(|_| Error::InvalidInput {
+            field: "hidden_states",
+            message: format!("expected (B, C, H, W), got {:?}", x.dims()),
+        })?;
+        let _span = tracing::debug_span!("transformer.forward", batch = b, height = hh, width = ww).entered();
+        let (mut h, cond) = self.prepare(x, timestep, y, mask, res_ar)?;
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            let _s = tracing::trace_span!("block", index = i).entered();
+            h = block.forward(&h, &cond)?;
+        }
+        self.final_layer.forward(&h, &cond)
+    }
+}
+
+/// The conformance harness's `transformer` mode (docs/conformance.md) as a library call, so tests run exactly
+/// what the command line runs.
+pub mod conformance {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::PixArtTransformer;
+    use crate::{Error, Result};
+
+    fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
+        inputs.get(name).ok_or_else(|| Error::Tensor { name: name.into(), message: "missing from the inputs".into() })
+    }
+
+    /// Runs one forward on tensors named as in the contract: `hidden_states`, `timestep`,
+    /// `encoder_hidden_states`, `encoder_attention_mask` (f32 or i64), and `resolution` / `aspect_ratio` when the
+    /// model uses micro-conditions. Returns `sample`.
+    pub fn forward_named(model: &PixArtTransformer, inputs: &HashMap<String, Tensor>) -> Result<Tensor> {
+        let x = input(inputs, "hidden_states")?;
+        let t = input(inputs, "timestep")?;
+        let y = input(inputs, "encoder_hidden_states")?;
+        let mask = input(inputs, "encoder_attention_mask")?;
+        let res_ar = if model.config.use_additional_conditions {
+            Some((input(inputs, "resolution")?, input(inputs, "aspect_ratio")?))
+        } else {
+            None
+        };
+        model.forward(x, t, y, Some(mask), res_ar)
+    }
+
+    /// Loads the model from `model_dir` (f32, CPU), reads `inputs`, writes `sample` to `out`.
+    pub fn run_files(model_dir: &Path, inputs: &Path, out: &Path) -> Result<()> {
+        let model = PixArtTransformer::load(model_dir, DType::F32, &Device::Cpu)?;
+        let tensors = candle_core::safetensors::load(inputs, &Device::Cpu).map_err(|e| Error::Io {
+            path: inputs.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+        let sample = forward_named(&model, &tensors)?.to_dtype(DType::F32)?.contiguous()?;
+        let outputs = HashMap::from([("sample".to_string(), sample)]);
+        candle_core::safetensors::save(&outputs, out).map_err(|e| Error::Io {
+            path: out.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+}

@@ -1,1 +1,128 @@
-//! placeholder
+//! The pixfarm coordinator: the gRPC front door of the farm.
+//!
+//! It validates and enqueues jobs, and answers status, watch, cancel, results
+//! and worker queries, all from Redis through [`pixfarm_core::Queue`]. It holds
+//! no state of its own, so run as many replicas as you like behind a load
+//! balancer. It also serves `grpc.health.v1` and server reflection, so
+//! `grpcurl` works without the `.proto` file.
+//!
+//! The lifecycle seam follows mini-redis: [`serve`] takes a bound listener and
+//! a shutdown future, so the binary passes SIGTERM/Ctrl-C and tests bind
+//! `127.0.0.1:0` and pass a oneshot.
+//!
+//! ```no_run
+//! use pixfarm_coordinator::{CoordinatorConfig, serve, shutdown_signal};
+//!
+//! # async fn demo() -> Result<(), pixfarm_coordinator::CoordinatorError> {
+//! let config = CoordinatorConfig::new("redis://127.0.0.1:6379/", "file:///tmp/pixfarm");
+//! let listener = tokio::net::TcpListener::bind(config.listen).await?;
+//! serve(config, listener, shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Errors: every handler maps core errors to statuses in one place
+//! ([`error::ApiError`]): invalid input → `INVALID_ARGUMENT` with
+//! `google.rpc.BadRequest` field violations (`items[37].width`), unknown ids →
+//! `NOT_FOUND`, Redis/S3 trouble → `UNAVAILABLE`.
+
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod service;
+
+use std::future::Future;
+
+pub use config::CoordinatorConfig;
+pub use error::ApiError;
+use pixfarm_core::{CoreError, Queue, Storage};
+use pixfarm_proto::v1::farm_server::FarmServer;
+pub use service::FarmService;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+/// Why the coordinator could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("cannot reach the queue or the store: {0}")]
+    Core(#[from] CoreError),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Connects to Redis and the store named in `config`, then serves until
+/// `shutdown` completes.
+pub async fn serve(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), CoordinatorError> {
+    let queue = Queue::connect(&config.redis_url, config.queue_config()).await?;
+    queue.ensure_groups().await?;
+    let storage = Storage::open_with(&config.storage_url, config.storage_options()).await?;
+    let service = FarmService::new(queue, storage, config.default_size);
+    serve_with(service, config.max_message_bytes, listener, shutdown).await
+}
+
+/// Serves an already built service (tests use this to inject a queue with short
+/// leases). Graceful: on `shutdown` the health status turns NOT_SERVING, open
+/// watch streams end, in-flight unary calls finish, then it returns.
+pub async fn serve_with(
+    service: FarmService,
+    max_message_bytes: usize,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), CoordinatorError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<FarmServer<FarmService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pixfarm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let farm = FarmServer::new(service.clone())
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    let addr = listener.local_addr()?;
+    info!(%addr, "coordinator listening (plaintext gRPC)");
+    let signal = async move {
+        shutdown.await;
+        info!("shutting down: draining in-flight requests");
+        health.set_not_serving::<FarmServer<FarmService>>().await;
+        service.close_streams();
+    };
+    tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(farm)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await?;
+    info!("coordinator stopped");
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM (what Kubernetes and systemd send).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,31 @@
+//! `pixfarm-coordinator`: the coordinator as a standalone binary (the same as
+//! `pixfarm coordinator`). Stops gracefully on SIGTERM or Ctrl-C.
+
+use anyhow::Context;
+use clap::Parser;
+use pixfarm_coordinator::{CoordinatorConfig, serve, shutdown_signal};
+
+#[derive(Parser)]
+#[command(name = "pixfarm-coordinator", version, about = "The pixfarm gRPC coordinator")]
+struct Cli {
+    #[command(flatten)]
+    config: CoordinatorConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let listener = tokio::net::TcpListener::bind(cli.config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.config.listen))?;
+    serve(cli.config, listener, shutdown_signal())
+        .await
+        .context("the coordinator stopped with an error")?;
+    Ok(())
+}

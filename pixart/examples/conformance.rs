@@ -167,8 +167,15 @@ fn run_transformer(a: &TransformerArgs) -> Result<()> {
 // ---------------------------------------------------------------------------------------------------------
 
 fn run_lcm(a: &LcmArgs) -> Result<()> {
-    let _ = a;
-    bail!("lcm mode is not implemented yet (model-pipeline)")
+    use pixart::pipeline::{TimestepSpacing, conformance};
+    if a.controlnet.is_some() {
+        bail!("lcm --controlnet is not supported yet (the ControlNet adapter lands in a later issue)");
+    }
+    let transformer = pixart::transformer::PixArtTransformer::load(&a.model, DType::F32, &Device::Cpu)?;
+    let scheduler = pixart::scheduler::LcmSchedulerConfig::from_path(&a.scheduler)?;
+    let inputs = load_inputs(&a.inputs)?;
+    let out = conformance::lcm(&transformer, &scheduler, TimestepSpacing::Diffusers, &inputs)?;
+    save_outputs(out, &a.out)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -176,8 +183,9 @@ fn run_lcm(a: &LcmArgs) -> Result<()> {
 // ---------------------------------------------------------------------------------------------------------
 
 fn run_vae_decode(a: &VaeArgs) -> Result<()> {
-    let _ = a;
-    bail!("vae-decode mode is not implemented yet (model-pipeline)")
+    let vae = pixart::vae::Vae::load(&a.vae, &Device::Cpu)?;
+    let out = pixart::pipeline::conformance::vae_decode(&vae, &load_inputs(&a.inputs)?)?;
+    save_outputs(out, &a.out)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -185,8 +193,9 @@ fn run_vae_decode(a: &VaeArgs) -> Result<()> {
 // ---------------------------------------------------------------------------------------------------------
 
 fn run_vae_encode(a: &VaeArgs) -> Result<()> {
-    let _ = a;
-    bail!("vae-encode mode is not implemented yet (model-pipeline)")
+    let vae = pixart::vae::Vae::load(&a.vae, &Device::Cpu)?;
+    let out = pixart::pipeline::conformance::vae_encode(&vae, &load_inputs(&a.inputs)?)?;
+    save_outputs(out, &a.out)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -194,6 +203,7 @@ fn run_vae_encode(a: &VaeArgs) -> Result<()> {
 // ---------------------------------------------------------------------------------------------------------
 
 fn run_t5(a: &T5Args) -> Result<()> {
-    let _ = a;
-    bail!("t5 mode is not implemented yet (model-pipeline)")
+    let mut encoder = pixart::text_encoder::TextEncoder::load(&a.text_encoder, DType::F32, &Device::Cpu)?;
+    let out = pixart::pipeline::conformance::t5(&mut encoder, &load_inputs(&a.inputs)?)?;
+    save_outputs(out, &a.out)
 }

@@ -810,6 +810,34 @@ impl Queue {
         Ok(())
     }
 
+    /// Removes `worker`'s consumer from the lanes' groups after a clean drain, so restarts with new
+    /// ids do not pile up consumers. Lanes where it still holds pending entries are left alone
+    /// (those entries must stay claimable).
+    pub async fn remove_consumer(&self, worker: &str, lanes: &[Lane]) -> Result<()> {
+        let mut c = self.conn.clone();
+        for lane in lanes {
+            let pending: Vec<Value> = redis::cmd("XPENDING")
+                .arg(lane.key())
+                .arg(GROUP)
+                .arg("-")
+                .arg("+")
+                .arg(1)
+                .arg(worker)
+                .query_async(&mut c)
+                .await?;
+            if pending.is_empty() {
+                let _: i64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(lane.key())
+                    .arg(GROUP)
+                    .arg(worker)
+                    .query_async(&mut c)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Pulls up to `max_batch` tasks for `worker` from `lanes` (given highest priority first):
     /// first expired leases (when a reclaim is due), then new entries lane by lane, and when there
     /// are none, blocks up to `block` on all lanes at once. Tasks of cancelled jobs are

@@ -1,0 +1,350 @@
+//! Worker configuration: flags with `PIXFARM_*` environment fallbacks, validated before anything
+//! starts so a bad setting is one clear sentence, not a failure deep inside a batch.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pixfarm_core::{Lane, LeasePolicy, QueueConfig, Variant};
+
+/// Settings of one render worker. Embed it in other CLIs with `#[command(flatten)]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerConfig {
+    /// Redis holding the queue.
+    #[arg(
+        long,
+        env = "PIXFARM_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    pub redis_url: String,
+
+    /// Where images go: `file:///abs/dir` or `s3://bucket/prefix` (S3 endpoint from
+    /// PIXFARM_S3_ENDPOINT / AWS_ENDPOINT_URL, credentials from the AWS environment).
+    #[arg(
+        long,
+        env = "PIXFARM_STORAGE_URL",
+        default_value = "file:///tmp/pixfarm/results"
+    )]
+    pub storage_url: String,
+
+    /// Model directory in the diffusers layout.
+    #[arg(
+        long,
+        env = "PIXFARM_MODEL_DIR",
+        default_value = "models/tiny-pixart-lcm"
+    )]
+    pub model_dir: PathBuf,
+
+    /// `cpu`, `cuda`, `cuda:N` or `metal`.
+    #[arg(long, env = "PIXFARM_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Transformer dtype: `auto` (f32 on CPU, bf16 on GPU), `f32`, `f16` or `bf16`.
+    #[arg(long, env = "PIXFARM_DTYPE", default_value = "auto")]
+    pub dtype: String,
+
+    /// Most tasks pulled (and rendered together) at once.
+    #[arg(long, env = "PIXFARM_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+
+    /// Lanes served, highest priority first, as `priority:variant` (comma separated). Only list
+    /// `*:control` lanes on workers that have a ControlNet adapter.
+    #[arg(
+        long,
+        env = "PIXFARM_LANES",
+        value_delimiter = ',',
+        default_value = "high:base,normal:base,low:base"
+    )]
+    pub lanes: Vec<Lane>,
+
+    /// Worker id (also the Redis consumer name). Default: `{host}-{pid}-{random}`.
+    #[arg(long, env = "PIXFARM_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Milliseconds between heartbeats (lease extension and registry refresh). Must be well below
+    /// the base lease.
+    #[arg(long, env = "PIXFARM_HEARTBEAT_MS", default_value_t = 2_000)]
+    pub heartbeat_ms: u64,
+
+    /// Deliveries before a task is dead-lettered.
+    #[arg(long, env = "PIXFARM_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+
+    /// Base lease in milliseconds: an entry idle (no heartbeat) for longer than its lease is taken
+    /// over by another worker. Keep it equal across the farm.
+    #[arg(long, env = "PIXFARM_LEASE_BASE_MS", default_value_t = 30_000)]
+    pub lease_base_ms: u64,
+
+    /// Extra lease per step and megapixel, in milliseconds.
+    #[arg(long, env = "PIXFARM_LEASE_PER_STEP_MPIX_MS", default_value_t = 2_000)]
+    pub lease_per_step_mpix_ms: u64,
+
+    /// How long one pull waits for new tasks, in milliseconds (also the longest delay before a
+    /// drain starts).
+    #[arg(long, env = "PIXFARM_POLL_MS", default_value_t = 1_000)]
+    pub poll_ms: u64,
+
+    /// Batches whose upload may still be in flight while the next one renders.
+    #[arg(long, env = "PIXFARM_UPLOAD_DEPTH", default_value_t = 2)]
+    pub upload_depth: usize,
+
+    /// Emit a progress event per denoising step.
+    #[arg(long, env = "PIXFARM_STEP_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub step_events: bool,
+
+    /// Keep the T5 encoder off the device between encodes (saves memory on small GPUs).
+    #[arg(long, env = "PIXFARM_OFFLOAD_TEXT_ENCODER", default_value_t = false)]
+    pub offload_text_encoder: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            storage_url: "file:///tmp/pixfarm/results".into(),
+            model_dir: PathBuf::from("models/tiny-pixart-lcm"),
+            device: "cpu".into(),
+            dtype: "auto".into(),
+            max_batch: 8,
+            lanes: Lane::all_of(Variant::Base),
+            worker_id: None,
+            heartbeat_ms: 2_000,
+            max_attempts: 3,
+            lease_base_ms: 30_000,
+            lease_per_step_mpix_ms: 2_000,
+            poll_ms: 1_000,
+            upload_depth: 2,
+            step_events: true,
+            offload_text_encoder: false,
+        }
+    }
+}
+
+/// A configuration problem, as a sentence naming the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+fn bad(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        message: message.into(),
+    }
+}
+
+impl WorkerConfig {
+    /// Checks every setting that can be checked without connecting anywhere.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_batch == 0 || self.max_batch > 256 {
+            return Err(bad(
+                "max batch (PIXFARM_MAX_BATCH)",
+                format!("must be 1..=256, got {}", self.max_batch),
+            ));
+        }
+        if self.lanes.is_empty() {
+            return Err(bad("lanes (PIXFARM_LANES)", "serve at least one lane"));
+        }
+        if self.max_attempts == 0 {
+            return Err(bad(
+                "max attempts (PIXFARM_MAX_ATTEMPTS)",
+                "must be at least 1",
+            ));
+        }
+        if self.heartbeat_ms == 0 || self.heartbeat_ms * 2 > self.lease_base_ms {
+            return Err(bad(
+                "heartbeat (PIXFARM_HEARTBEAT_MS)",
+                format!(
+                    "{} ms must be positive and at most half the base lease ({} ms), or live tasks get taken over",
+                    self.heartbeat_ms, self.lease_base_ms
+                ),
+            ));
+        }
+        if self.poll_ms == 0 {
+            return Err(bad("poll (PIXFARM_POLL_MS)", "must be positive"));
+        }
+        if let Some(id) = &self.worker_id
+            && (id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(bad(
+                "worker id (PIXFARM_WORKER_ID)",
+                "must be 1-128 printable ASCII characters",
+            ));
+        }
+        pixfarm_core::StorageUrl::parse(&self.storage_url)
+            .map_err(|e| bad("storage URL (PIXFARM_STORAGE_URL)", e.to_string()))?;
+        self.parse_device()?;
+        self.parse_dtype()?;
+        if !self.model_dir.is_dir() {
+            return Err(bad(
+                "model directory (PIXFARM_MODEL_DIR)",
+                format!("{} is not a directory", self.model_dir.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The worker id, generated when not configured.
+    pub fn resolved_worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}-{}",
+                hostname(),
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..6]
+            )
+        })
+    }
+
+    pub fn parse_device(&self) -> Result<DeviceSpec, ConfigError> {
+        let d = self.device.trim().to_ascii_lowercase();
+        match d.as_str() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            "metal" => Ok(DeviceSpec::Metal(0)),
+            _ => {
+                if let Some(n) = d.strip_prefix("cuda:")
+                    && let Ok(n) = n.parse()
+                {
+                    return Ok(DeviceSpec::Cuda(n));
+                }
+                Err(bad(
+                    "device (PIXFARM_DEVICE)",
+                    format!("`{}` is not cpu, cuda, cuda:N or metal", self.device),
+                ))
+            }
+        }
+    }
+
+    pub fn parse_dtype(&self) -> Result<Option<candle_core::DType>, ConfigError> {
+        match self.dtype.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(None),
+            "f32" | "float32" => Ok(Some(candle_core::DType::F32)),
+            "f16" | "float16" | "half" => Ok(Some(candle_core::DType::F16)),
+            "bf16" | "bfloat16" => Ok(Some(candle_core::DType::BF16)),
+            other => Err(bad(
+                "dtype (PIXFARM_DTYPE)",
+                format!("`{other}` is not auto, f32, f16 or bf16"),
+            )),
+        }
+    }
+
+    /// The queue settings this worker uses (leases, attempts).
+    pub fn queue_config(&self) -> QueueConfig {
+        QueueConfig {
+            lease: LeasePolicy {
+                base_ms: self.lease_base_ms,
+                per_step_megapixel_ms: self.lease_per_step_mpix_ms,
+            },
+            max_attempts: self.max_attempts,
+            // Look for dead workers' tasks about twice per base lease.
+            reclaim_interval: Duration::from_millis((self.lease_base_ms / 2).max(100)),
+            worker_ttl: Duration::from_millis((self.heartbeat_ms * 5).max(5_000)),
+            ..QueueConfig::default()
+        }
+    }
+
+    pub fn serves_control(&self) -> bool {
+        self.lanes.iter().any(|l| l.variant == Variant::Control)
+    }
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+    Metal(usize),
+}
+
+impl DeviceSpec {
+    pub fn open(self) -> candle_core::Result<candle_core::Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n),
+            DeviceSpec::Metal(n) => candle_core::Device::new_metal(n),
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            DeviceSpec::Cpu => "cpu".into(),
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+            DeviceSpec::Metal(n) => format!("metal:{n}"),
+        }
+    }
+}
+
+/// The host name, without a dependency: the kernel's value, else `$HOSTNAME`, else `localhost`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        w: WorkerConfig,
+    }
+
+    #[test]
+    fn parses_flags_and_validates() {
+        let dir = std::env::temp_dir();
+        let cli = Cli::parse_from([
+            "w",
+            "--lanes",
+            "high:base,low:control",
+            "--max-batch",
+            "4",
+            "--model-dir",
+            dir.to_str().unwrap(),
+            "--storage-url",
+            "s3://bucket/x",
+            "--device",
+            "cuda:1",
+        ]);
+        assert_eq!(cli.w.lanes.len(), 2);
+        assert!(cli.w.serves_control());
+        assert_eq!(cli.w.parse_device().unwrap(), DeviceSpec::Cuda(1));
+        cli.w.validate().unwrap();
+
+        let mut c = cli.w.clone();
+        c.heartbeat_ms = 20_000;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("heartbeat")
+        );
+        let mut c = cli.w.clone();
+        c.storage_url = "ftp://x".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("PIXFARM_STORAGE_URL")
+        );
+        let mut c = cli.w.clone();
+        c.device = "tpu".into();
+        assert!(c.validate().is_err());
+        let mut c = cli.w;
+        c.model_dir = "/definitely/not/here".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("not a directory")
+        );
+        assert!(Cli::try_parse_from(["w", "--lanes", "urgent:base"]).is_err());
+    }
+}

@@ -20,11 +20,11 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use pixart::transformer::{PixArtTransformer, conformance};
-use tracing::span::{Attributes, Id};
 use tracing::Subscriber;
+use tracing::span::{Attributes, Id};
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::Layer;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -76,7 +76,8 @@ fn main() -> Result<()> {
     let model = PixArtTransformer::load(&args.dir, DType::F32, &dev)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let inputs_path = args.dir.join(format!("inputs_{}.safetensors", args.latent));
-    let inputs = candle_core::safetensors::load(&inputs_path, &dev).context("inputs (run transformer_torch.py make)")?;
+    let inputs = candle_core::safetensors::load(&inputs_path, &dev)
+        .context("inputs (run transformer_torch.py make)")?;
 
     let mut out = conformance::forward_named(&model, &inputs)?; // warm-up
     let mut times = Vec::new();
@@ -87,10 +88,16 @@ fn main() -> Result<()> {
     }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
-    let median = if sorted.is_empty() { f64::NAN } else { sorted[sorted.len() / 2] };
+    let median = if sorted.is_empty() {
+        f64::NAN
+    } else {
+        sorted[sorted.len() / 2]
+    };
     let min = sorted.first().copied().unwrap_or(f64::NAN);
 
-    let torch_out = args.dir.join(format!("torch_out_{}.safetensors", args.latent));
+    let torch_out = args
+        .dir
+        .join(format!("torch_out_{}.safetensors", args.latent));
     let rel_err = if torch_out.exists() {
         let r = candle_core::safetensors::load(&torch_out, &dev)?;
         let r: &Tensor = &r["sample"];
@@ -117,15 +124,21 @@ fn main() -> Result<()> {
     );
 
     if !args.no_profile {
+        kernel_comparison(args.latent)?;
+    }
+
+    if !args.no_profile {
         let profile: &'static Profile = Box::leak(Box::default());
         let subscriber = tracing_subscriber::registry().with(profile);
         let t = Instant::now();
-        tracing::subscriber::with_default(subscriber, || conformance::forward_named(&model, &inputs))?;
+        tracing::subscriber::with_default(subscriber, || {
+            conformance::forward_named(&model, &inputs)
+        })?;
         let total = t.elapsed();
         let totals = profile.totals.lock().unwrap();
         println!("profile of one forward: {:.3} s", total.as_secs_f64());
         let mut rows: Vec<_> = totals.iter().collect();
-        rows.sort_by(|a, b| b.1.0.cmp(&a.1.0));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1.0));
         for (name, (d, n)) in rows {
             println!(
                 "  {name:<20} {:>8.3} s  {:>5.1} %  ({n} spans)",
@@ -134,5 +147,44 @@ fn main() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Times candle's own GELU / softmax against `pixart::kernels` on the shapes one forward uses (28 blocks).
+fn kernel_comparison(latent: usize) -> Result<()> {
+    let dev = Device::Cpu;
+    let n = (latent / 2) * (latent / 2);
+    let ff = Tensor::randn(0f32, 1.0, (1, n, 4608), &dev)?;
+    let scores = Tensor::randn(0f32, 3.0, (1, 16, n, n), &dev)?;
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<f64> {
+        f()?;
+        let t = Instant::now();
+        for _ in 0..28 {
+            f()?;
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let g_candle = time(&|| ff.gelu())?;
+    let g_ours = time(&|| pixart::kernels::gelu_tanh(&ff).map_err(candle_core::Error::wrap))?;
+    let s_candle = time(&|| candle_nn::ops::softmax_last_dim(&scores))?;
+    let s_ours =
+        time(&|| pixart::kernels::softmax_last_dim(&scores).map_err(candle_core::Error::wrap))?;
+    // The FF up-projection as candle's Linear runs it (rhs = wᵀ view) and with a pre-transposed weight.
+    let x = Tensor::randn(0f32, 1.0, (n, 1152), &dev)?;
+    let w = Tensor::randn(0f32, 0.03, (4608, 1152), &dev)?;
+    let wt = w.t()?.contiguous()?;
+    let mm_t = time(&|| x.matmul(&w.t()?))?;
+    let mm_c = time(&|| x.matmul(&wt))?;
+    let gflop = 28.0 * 2.0 * (n * 1152 * 4608) as f64 / 1e9;
+    println!(
+        "matmul ({n}x1152)@(1152x4608) x28: w.t() view {mm_t:.3} s ({:.0} GFLOP/s), \
+         contiguous (in,out) weight {mm_c:.3} s ({:.0} GFLOP/s)",
+        gflop / mm_t,
+        gflop / mm_c
+    );
+    println!(
+        "kernels x28 (one forward's worth): gelu candle {g_candle:.3} s, ours {g_ours:.3} s; \
+         attn1 softmax candle {s_candle:.3} s, ours {s_ours:.3} s"
+    );
     Ok(())
 }

@@ -9,10 +9,9 @@
 //! cross-attention packs only the valid text tokens of every row (variable-length flash attention), which is
 //! what the bias approximates and what the original PixArt code does with xformers (spec §2.6, §6.16).
 
-use candle_core::{DType, Module, Tensor};
-use candle_nn::Linear;
+use candle_core::{D, DType, Module, Tensor};
 
-use crate::embeddings::linear;
+use crate::embeddings::{Dense, linear};
 use crate::weights::WeightPath;
 use crate::{Error, Result};
 
@@ -24,7 +23,12 @@ pub enum TextKeys {
     /// `(B, L, D)` plus an f32 bias `(B, 1, 1, L)`: 0 for kept keys, −10000 for padding.
     Biased { tokens: Tensor, bias: Tensor },
     /// Valid tokens of all rows back to back `(total, D)` and cumulative lengths `(B+1,)` u32 (flash path).
-    Packed { tokens: Tensor, cu_seqlens: Tensor, max_len: usize, lens: Vec<usize> },
+    Packed {
+        tokens: Tensor,
+        cu_seqlens: Tensor,
+        max_len: usize,
+        lens: Vec<usize>,
+    },
 }
 
 /// How the text mask selects keys, decided on the host from the mask values.
@@ -55,19 +59,28 @@ impl MaskPlan {
         let binary = m.iter().flatten().all(|v| *v == 0.0 || *v == 1.0);
         let any_empty = m.iter().any(|row| row.iter().all(|v| *v == 0.0));
         if packed && binary && !any_empty {
-            let valid = m.iter().map(|row| (0..l).filter(|&i| row[i] != 0.0).collect()).collect();
+            let valid = m
+                .iter()
+                .map(|row| (0..l).filter(|&i| row[i] != 0.0).collect())
+                .collect();
             return Ok(MaskPlan::Rows { valid });
         }
         // A fully masked row softmaxes over all its (equally penalised) keys in diffusers: keep them all.
         let len = if any_empty {
             l
         } else {
-            m.iter().map(|row| row.iter().rposition(|v| *v != 0.0).map_or(0, |p| p + 1)).max().unwrap_or(0)
+            m.iter()
+                .map(|row| row.iter().rposition(|v| *v != 0.0).map_or(0, |p| p + 1))
+                .max()
+                .unwrap_or(0)
         };
         if m.iter().all(|row| row[..len].iter().all(|v| *v == 1.0)) {
             return Ok(MaskPlan::Prefix { len });
         }
-        let bias = m.iter().flat_map(|row| row[..len].iter().map(|v| (1.0 - v) * -10000.0)).collect();
+        let bias = m
+            .iter()
+            .flat_map(|row| row[..len].iter().map(|v| (1.0 - v) * -10000.0))
+            .collect();
         Ok(MaskPlan::Bias { len, bias })
     }
 }
@@ -75,17 +88,32 @@ impl MaskPlan {
 impl TextKeys {
     /// Applies `project` (the caption projection) to the text features `y` `(B, L, C)` restricted to the keys
     /// the mask plan keeps.
-    pub fn new(y: &Tensor, plan: &MaskPlan, project: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+    pub fn new(
+        y: &Tensor,
+        plan: &MaskPlan,
+        project: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
         let (b, l, _) = y.dims3()?;
         match plan {
             MaskPlan::Prefix { len } => {
-                let y = if *len == l { y.clone() } else { y.narrow(1, 0, *len)? };
+                let y = if *len == l {
+                    y.clone()
+                } else {
+                    y.narrow(1, 0, *len)?
+                };
                 Ok(TextKeys::Dense(project(&y)?))
             }
             MaskPlan::Bias { len, bias } => {
-                let y = if *len == l { y.clone() } else { y.narrow(1, 0, *len)? };
+                let y = if *len == l {
+                    y.clone()
+                } else {
+                    y.narrow(1, 0, *len)?
+                };
                 let bias = Tensor::from_slice(bias, (b, 1, 1, *len), y.device())?;
-                Ok(TextKeys::Biased { tokens: project(&y)?, bias })
+                Ok(TextKeys::Biased {
+                    tokens: project(&y)?,
+                    bias,
+                })
             }
             MaskPlan::Rows { valid } => {
                 let mut idx = Vec::new();
@@ -100,7 +128,12 @@ impl TextKeys {
                 let flat = y.reshape((b * l, ()))?.index_select(&idx, 0)?;
                 let cu_seqlens = Tensor::from_vec(cu, b + 1, y.device())?;
                 let max_len = lens.iter().copied().max().unwrap_or(0);
-                Ok(TextKeys::Packed { tokens: project(&flat)?, cu_seqlens, max_len, lens })
+                Ok(TextKeys::Packed {
+                    tokens: project(&flat)?,
+                    cu_seqlens,
+                    max_len,
+                    lens,
+                })
             }
         }
     }
@@ -108,22 +141,41 @@ impl TextKeys {
 
 /// Whether the fused flash-attention kernels apply to tensors like `x`.
 pub fn flash_available(x: &Tensor) -> bool {
-    cfg!(feature = "flash-attn") && x.device().is_cuda() && matches!(x.dtype(), DType::F16 | DType::BF16)
+    cfg!(feature = "flash-attn")
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F16 | DType::BF16)
 }
 
-/// `to_q`, `to_k`, `to_v`, `to_out.0`, with `heads × head_dim` = query width.
+/// How the q/k/v projections are stored.
+enum Projections {
+    /// Self-attention: `[q·scale | k | v]` stacked into one `(D, 3D)` matmul.
+    Fused { qkv: Dense },
+    /// Cross-attention: `q·scale` on the image tokens, `[k | v]` stacked on the text tokens.
+    Cross { q: Dense, kv: Dense },
+    /// Unfused (weights not materialised, e.g. a shape-only load); `q` is scaled at run time.
+    Separate { q: Dense, k: Dense, v: Dense },
+}
+
+/// Multi-head attention with diffusers' `to_q`, `to_k`, `to_v`, `to_out.0` weights; `heads × head_dim` is the
+/// query width. The softmax scale `1/√head_dim` is folded into the query projection at load time.
 pub struct Attention {
-    pub to_q: Linear,
-    pub to_k: Linear,
-    pub to_v: Linear,
-    pub to_out: Linear,
+    projections: Projections,
+    pub to_out: Dense,
     pub heads: usize,
     pub head_dim: usize,
+}
+
+/// Which attention a block position holds (decides how projections are fused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKind {
+    SelfAttention,
+    CrossAttention,
 }
 
 impl Attention {
     pub fn load(
         p: &WeightPath<'_>,
+        kind: AttentionKind,
         query_dim: usize,
         kv_dim: usize,
         heads: usize,
@@ -131,12 +183,27 @@ impl Attention {
         bias: bool,
     ) -> Result<Self> {
         let inner = heads * head_dim;
+        let q = linear(p, "to_q", query_dim, inner, bias)?;
+        let k = linear(p, "to_k", kv_dim, inner, bias)?;
+        let v = linear(p, "to_v", kv_dim, inner, bias)?;
+        // diffusers' `out_bias` defaults to True regardless of `attention_bias`.
+        let to_out = linear(p, "to_out.0", inner, query_dim, true)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let projections = match kind {
+            AttentionKind::SelfAttention => match Dense::concat(&[&q, &k, &v], scale)? {
+                Some(qkv) => Projections::Fused { qkv },
+                None => Projections::Separate { q, k, v },
+            },
+            AttentionKind::CrossAttention => {
+                match (Dense::concat(&[&q], scale)?, Dense::concat(&[&k, &v], 1.0)?) {
+                    (Some(q), Some(kv)) => Projections::Cross { q, kv },
+                    _ => Projections::Separate { q, k, v },
+                }
+            }
+        };
         Ok(Self {
-            to_q: linear(p, "to_q", query_dim, inner, bias)?,
-            to_k: linear(p, "to_k", kv_dim, inner, bias)?,
-            to_v: linear(p, "to_v", kv_dim, inner, bias)?,
-            // diffusers' `out_bias` defaults to True regardless of `attention_bias`.
-            to_out: linear(p, "to_out.0", inner, query_dim, true)?,
+            projections,
+            to_out,
             heads,
             head_dim,
         })
@@ -149,19 +216,79 @@ impl Attention {
     /// `(B, T, H·hd)` to `(B, H, T, hd)`, contiguous.
     fn split_heads(&self, t: &Tensor) -> Result<Tensor> {
         let (b, n, _) = t.dims3()?;
-        Ok(t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        Ok(t.reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// Scaled queries `(…, H·hd)`.
+    fn queries(&self, x: &Tensor) -> Result<Tensor> {
+        let inner = self.heads * self.head_dim;
+        Ok(match &self.projections {
+            Projections::Fused { qkv } => qkv.forward(x)?.narrow(D::Minus1, 0, inner)?,
+            Projections::Cross { q, .. } => q.forward(x)?,
+            Projections::Separate { q, .. } => (q.forward(x)? * self.scale())?,
+        })
+    }
+
+    /// Keys and values `(…, H·hd)` of the context tokens.
+    fn keys_values(&self, ctx: &Tensor) -> Result<(Tensor, Tensor)> {
+        let inner = self.heads * self.head_dim;
+        Ok(match &self.projections {
+            Projections::Fused { qkv } => {
+                let y = qkv.forward(ctx)?;
+                (
+                    y.narrow(D::Minus1, inner, inner)?,
+                    y.narrow(D::Minus1, 2 * inner, inner)?,
+                )
+            }
+            Projections::Cross { kv, .. } => {
+                let y = kv.forward(ctx)?;
+                (
+                    y.narrow(D::Minus1, 0, inner)?,
+                    y.narrow(D::Minus1, inner, inner)?,
+                )
+            }
+            Projections::Separate { k, v, .. } => (k.forward(ctx)?, v.forward(ctx)?),
+        })
     }
 
     /// Self-attention over the image tokens `x` `(B, N, D)`.
     pub fn self_attention(&self, x: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("attn1").entered();
         let (b, n, _) = x.dims3()?;
-        if flash_available(x) {
-            return self.self_attention_flash(x);
-        }
-        let q = self.split_heads(&(self.to_q.forward(x)? * self.scale())?)?;
-        let k = self.split_heads(&self.to_k.forward(x)?)?;
-        let v = self.split_heads(&self.to_v.forward(x)?)?;
+        let (h, hd) = (self.heads, self.head_dim);
+        let (q, k, v) = match &self.projections {
+            Projections::Fused { qkv } => {
+                // One matmul, then one copy into (3, B, H, N, hd).
+                let y = qkv.forward(x)?.reshape((b, n, 3, h, hd))?;
+                if flash_available(x) {
+                    let part = |i| y.narrow(2, i, 1)?.squeeze(2)?.contiguous();
+                    return self.self_attention_flash(&part(0)?, &part(1)?, &part(2)?, b, n);
+                }
+                let y = y.permute((2, 0, 3, 1, 4))?.contiguous()?;
+                (y.get(0)?, y.get(1)?, y.get(2)?)
+            }
+            _ => {
+                let q = self.queries(x)?;
+                let (k, v) = self.keys_values(x)?;
+                if flash_available(x) {
+                    let shape = (b, n, h, hd);
+                    return self.self_attention_flash(
+                        &q.reshape(shape)?,
+                        &k.reshape(shape)?,
+                        &v.reshape(shape)?,
+                        b,
+                        n,
+                    );
+                }
+                (
+                    self.split_heads(&q)?,
+                    self.split_heads(&k)?,
+                    self.split_heads(&v)?,
+                )
+            }
+        };
         let o = attend(&q, &k, &v, None)?;
         let o = o.transpose(1, 2)?.reshape((b, n, ()))?;
         Ok(self.to_out.forward(&o)?)
@@ -174,31 +301,45 @@ impl Attention {
         let (tokens, bias) = match text {
             TextKeys::Dense(t) => (t, None),
             TextKeys::Biased { tokens, bias } => (tokens, Some(bias)),
-            TextKeys::Packed { tokens, cu_seqlens, max_len, lens } => {
+            TextKeys::Packed {
+                tokens,
+                cu_seqlens,
+                max_len,
+                lens,
+            } => {
                 return self.cross_attention_packed(x, tokens, cu_seqlens, *max_len, lens);
             }
         };
-        let q = self.split_heads(&(self.to_q.forward(x)? * self.scale())?)?;
-        let k = self.split_heads(&self.to_k.forward(tokens)?)?;
-        let v = self.split_heads(&self.to_v.forward(tokens)?)?;
-        let o = attend(&q, &k, &v, bias)?;
+        let q = self.split_heads(&self.queries(x)?)?;
+        let (k, v) = self.keys_values(tokens)?;
+        let o = attend(&q, &self.split_heads(&k)?, &self.split_heads(&v)?, bias)?;
         let o = o.transpose(1, 2)?.reshape((b, n, ()))?;
         Ok(self.to_out.forward(&o)?)
     }
 
+    /// `q`, `k`, `v` `(B, N, H, hd)` with `q` already scaled.
     #[cfg(feature = "flash-attn")]
-    fn self_attention_flash(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        let shape = (b, n, self.heads, self.head_dim);
-        let q = self.to_q.forward(x)?.reshape(shape)?;
-        let k = self.to_k.forward(x)?.reshape(shape)?;
-        let v = self.to_v.forward(x)?.reshape(shape)?;
-        let o = candle_flash_attn::flash_attn(&q, &k, &v, self.scale() as f32, false)?;
+    fn self_attention_flash(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        b: usize,
+        n: usize,
+    ) -> Result<Tensor> {
+        let o = candle_flash_attn::flash_attn(q, k, v, 1.0, false)?;
         Ok(self.to_out.forward(&o.reshape((b, n, ()))?)?)
     }
 
     #[cfg(not(feature = "flash-attn"))]
-    fn self_attention_flash(&self, _x: &Tensor) -> Result<Tensor> {
+    fn self_attention_flash(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+    ) -> Result<Tensor> {
         unreachable!("flash_available() is false without the flash-attn feature")
     }
 
@@ -213,12 +354,12 @@ impl Attention {
         lens: &[usize],
     ) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        let k = self.to_k.forward(tokens)?;
-        let v = self.to_v.forward(tokens)?;
+        let q = self.queries(x)?;
+        let (k, v) = self.keys_values(tokens)?;
         if flash_available(x) {
-            return self.cross_attention_varlen(x, &k, &v, cu_seqlens, max_len);
+            return self.cross_attention_varlen(&q, &k, &v, cu_seqlens, max_len, b, n);
         }
-        let q = self.split_heads(&(self.to_q.forward(x)? * self.scale())?)?;
+        let q = self.split_heads(&q)?;
         let mut outs = Vec::with_capacity(b);
         let mut start = 0;
         for (r, &len) in lens.iter().enumerate() {
@@ -227,26 +368,32 @@ impl Attention {
             outs.push(attend(&q.narrow(0, r, 1)?, &kr, &vr, None)?);
             start += len;
         }
-        let o = Tensor::cat(&outs, 0)?.transpose(1, 2)?.reshape((b, n, ()))?;
+        let o = Tensor::cat(&outs, 0)?
+            .transpose(1, 2)?
+            .reshape((b, n, ()))?;
         Ok(self.to_out.forward(&o)?)
     }
 
+    /// `q` `(B, N, H·hd)` scaled; `k`, `v` `(total, H·hd)` packed valid text tokens.
     #[cfg(feature = "flash-attn")]
+    #[allow(clippy::too_many_arguments)]
     fn cross_attention_varlen(
         &self,
-        x: &Tensor,
+        q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         cu_seqlens_k: &Tensor,
         max_len: usize,
+        b: usize,
+        n: usize,
     ) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        let q = self.to_q.forward(x)?.reshape((b * n, self.heads, self.head_dim))?;
+        let (h, hd) = (self.heads, self.head_dim);
+        let q = q.reshape((b * n, h, hd))?;
         let total = k.dim(0)?;
-        let k = k.reshape((total, self.heads, self.head_dim))?;
-        let v = v.reshape((total, self.heads, self.head_dim))?;
+        let k = k.contiguous()?.reshape((total, h, hd))?;
+        let v = v.contiguous()?.reshape((total, h, hd))?;
         let cu_q: Vec<u32> = (0..=b).map(|i| (i * n) as u32).collect();
-        let cu_q = Tensor::from_vec(cu_q, b + 1, x.device())?;
+        let cu_q = Tensor::from_vec(cu_q, b + 1, q.device())?;
         let o = candle_flash_attn::flash_attn_varlen(
             &q,
             &k,
@@ -255,14 +402,24 @@ impl Attention {
             cu_seqlens_k,
             n,
             max_len,
-            self.scale() as f32,
+            1.0,
             false,
         )?;
         Ok(self.to_out.forward(&o.reshape((b, n, ()))?)?)
     }
 
     #[cfg(not(feature = "flash-attn"))]
-    fn cross_attention_varlen(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn cross_attention_varlen(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Result<Tensor> {
         unreachable!("flash_available() is false without the flash-attn feature")
     }
 }
@@ -270,13 +427,21 @@ impl Attention {
 /// `softmax(q·kᵀ + bias)·v` over `(B, H, T, hd)` tensors, `q` already scaled; softmax in f32.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let scores = q.matmul(&k.t()?)?;
-    let scores = if scores.dtype() == DType::F32 { scores } else { scores.to_dtype(DType::F32)? };
+    let scores = if scores.dtype() == DType::F32 {
+        scores
+    } else {
+        scores.to_dtype(DType::F32)?
+    };
     let scores = match bias {
         Some(bias) => scores.broadcast_add(bias)?,
         None => scores,
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let probs = if probs.dtype() == v.dtype() { probs } else { probs.to_dtype(v.dtype())? };
+    let probs = if probs.dtype() == v.dtype() {
+        probs
+    } else {
+        probs.to_dtype(v.dtype())?
+    };
     Ok(probs.matmul(v)?)
 }
 
@@ -297,14 +462,22 @@ mod tests {
             p => panic!("{p:?}"),
         }
         let m = Tensor::new(&[[1i64, 1, 1, 0]], &dev).unwrap();
-        assert_eq!(MaskPlan::new(Some(&m), 1, 4, false).unwrap(), MaskPlan::Prefix { len: 3 });
+        assert_eq!(
+            MaskPlan::new(Some(&m), 1, 4, false).unwrap(),
+            MaskPlan::Prefix { len: 3 }
+        );
         let m = Tensor::new(&[[1f32, 0., 1., 0.], [0., 0., 0., 0.]], &dev).unwrap();
         match MaskPlan::new(Some(&m), 2, 4, true).unwrap() {
             MaskPlan::Bias { len, .. } => assert_eq!(len, 4, "an empty row keeps every key"),
             p => panic!("{p:?}"),
         }
         let m = Tensor::new(&[[1f32, 0., 1., 0.], [1., 1., 0., 0.]], &dev).unwrap();
-        assert_eq!(MaskPlan::new(Some(&m), 2, 4, true).unwrap(), MaskPlan::Rows { valid: vec![vec![0, 2], vec![0, 1]] });
+        assert_eq!(
+            MaskPlan::new(Some(&m), 2, 4, true).unwrap(),
+            MaskPlan::Rows {
+                valid: vec![vec![0, 2], vec![0, 1]]
+            }
+        );
         assert!(MaskPlan::new(Some(&m), 2, 5, false).is_err());
     }
 
@@ -317,22 +490,42 @@ mod tests {
         let d = 16;
         let mut map = HashMap::new();
         for n in ["to_q", "to_k", "to_v", "to_out.0"] {
-            map.insert(format!("a.{n}.weight"), Tensor::randn(0f32, 0.5, (d, d), &dev).unwrap());
-            map.insert(format!("a.{n}.bias"), Tensor::randn(0f32, 0.1, d, &dev).unwrap());
+            map.insert(
+                format!("a.{n}.weight"),
+                Tensor::randn(0f32, 0.5, (d, d), &dev).unwrap(),
+            );
+            map.insert(
+                format!("a.{n}.bias"),
+                Tensor::randn(0f32, 0.1, d, &dev).unwrap(),
+            );
         }
         let w = Weights::from_tensors(map, DType::F32, &dev);
-        let attn = Attention::load(&w.pp("a"), d, d, 2, 8, true).unwrap();
+        let attn =
+            Attention::load(&w.pp("a"), AttentionKind::CrossAttention, d, d, 2, 8, true).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 5, d), &dev).unwrap();
         let y = Tensor::randn(0f32, 1.0, (2, 6, d), &dev).unwrap();
-        let mask = Tensor::new(&[[1f32, 0., 1., 1., 0., 0.], [1., 1., 0., 0., 0., 0.]], &dev).unwrap();
+        let mask = Tensor::new(
+            &[[1f32, 0., 1., 1., 0., 0.], [1., 1., 0., 0., 0., 0.]],
+            &dev,
+        )
+        .unwrap();
         let id = |t: &Tensor| Ok(t.clone());
-        let biased = TextKeys::new(&y, &MaskPlan::new(Some(&mask), 2, 6, false).unwrap(), id).unwrap();
-        let packed = TextKeys::new(&y, &MaskPlan::new(Some(&mask), 2, 6, true).unwrap(), id).unwrap();
+        let biased =
+            TextKeys::new(&y, &MaskPlan::new(Some(&mask), 2, 6, false).unwrap(), id).unwrap();
+        let packed =
+            TextKeys::new(&y, &MaskPlan::new(Some(&mask), 2, 6, true).unwrap(), id).unwrap();
         assert!(matches!(biased, TextKeys::Biased { .. }));
         assert!(matches!(packed, TextKeys::Packed { .. }));
         let a = attn.cross_attention(&x, &biased).unwrap();
         let b = attn.cross_attention(&x, &packed).unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
 }

@@ -108,7 +108,12 @@ impl TransformerConfig {
 
     /// PixArt-XL-2-512x512: same blocks, no micro-conditions, interpolation scale 1.
     pub fn xl_2_512() -> Self {
-        Self { sample_size: 64, interpolation_scale: 1.0, use_additional_conditions: false, ..Self::xl_2_1024_ms() }
+        Self {
+            sample_size: 64,
+            interpolation_scale: 1.0,
+            use_additional_conditions: false,
+            ..Self::xl_2_1024_ms()
+        }
     }
 
     /// `num_attention_heads * attention_head_dim`: the width of every token.
@@ -129,19 +134,29 @@ impl TransformerConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_json_str(&text, path)
     }
 
     /// Parses a config from JSON text; `path` only names the file in errors.
     pub fn from_json_str(text: &str, path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let err = |message: String| Error::Config { path: path.clone(), message };
-        let value: Value = serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let err = |message: String| Error::Config {
+            path: path.clone(),
+            message,
+        };
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
         let Value::Object(map) = value else {
             return Err(err("expected a JSON object".to_string()));
         };
-        let p = Parser { map: &map, path: &path };
+        let p = Parser {
+            map: &map,
+            path: &path,
+        };
         for key in map.keys() {
             // `_class_name`, `_diffusers_version`, `_name_or_path`, ...: bookkeeping, not architecture.
             if !key.starts_with('_') && !KNOWN_KEYS.contains(&key.as_str()) {
@@ -163,28 +178,44 @@ impl TransformerConfig {
         let activation_fn = match p.optional::<String>("activation_fn")?.as_deref() {
             None | Some("gelu-approximate") => FeedForwardActivation::GeluTanh,
             Some("gelu") => FeedForwardActivation::GeluErf,
-            Some(other) => return Err(err(format!("key `activation_fn`: unsupported value {other:?}"))),
+            Some(other) => {
+                return Err(err(format!(
+                    "key `activation_fn`: unsupported value {other:?}"
+                )));
+            }
         };
         let norm_eps = p.optional::<f64>("norm_eps")?.unwrap_or(1e-6);
         let num_embeds_ada_norm = p.optional::<usize>("num_embeds_ada_norm")?.unwrap_or(1000);
-        let norm_type = p.optional::<String>("norm_type")?.unwrap_or_else(|| "ada_norm_single".to_string());
-        let norm_elementwise_affine = p.optional::<bool>("norm_elementwise_affine")?.unwrap_or(false);
-        let interpolation_scale =
-            p.optional::<f64>("interpolation_scale")?.unwrap_or_else(|| ((sample_size / 64).max(1)) as f64);
-        let use_additional_conditions =
-            p.optional::<bool>("use_additional_conditions")?.unwrap_or(sample_size == 128);
+        let norm_type = p
+            .optional::<String>("norm_type")?
+            .unwrap_or_else(|| "ada_norm_single".to_string());
+        let norm_elementwise_affine = p
+            .optional::<bool>("norm_elementwise_affine")?
+            .unwrap_or(false);
+        let interpolation_scale = p
+            .optional::<f64>("interpolation_scale")?
+            .unwrap_or_else(|| ((sample_size / 64).max(1)) as f64);
+        let use_additional_conditions = p
+            .optional::<bool>("use_additional_conditions")?
+            .unwrap_or(sample_size == 128);
 
         // Values that would change the architecture into something this port does not implement.
         if norm_type != "ada_norm_single" {
-            return Err(err(format!("key `norm_type`: only \"ada_norm_single\" is supported, got {norm_type:?}")));
+            return Err(err(format!(
+                "key `norm_type`: only \"ada_norm_single\" is supported, got {norm_type:?}"
+            )));
         }
         if norm_elementwise_affine {
-            return Err(err("key `norm_elementwise_affine`: PixArt's norms have no affine weights".into()));
+            return Err(err(
+                "key `norm_elementwise_affine`: PixArt's norms have no affine weights".into(),
+            ));
         }
         if let Some(t) = p.optional::<String>("attention_type")?
             && t != "default"
         {
-            return Err(err(format!("key `attention_type`: only \"default\" is supported, got {t:?}")));
+            return Err(err(format!(
+                "key `attention_type`: only \"default\" is supported, got {t:?}"
+            )));
         }
         for key in ["only_cross_attention", "double_self_attention"] {
             if p.optional::<bool>(key)? == Some(true) {
@@ -192,7 +223,9 @@ impl TransformerConfig {
             }
         }
         if p.map.get("num_vector_embeds").is_some_and(|v| !v.is_null()) {
-            return Err(err("key `num_vector_embeds`: discrete inputs are not supported".into()));
+            return Err(err(
+                "key `num_vector_embeds`: discrete inputs are not supported".into(),
+            ));
         }
         // Read for their type only: dropout is inactive at inference, norm_num_groups is unused by this model,
         // and softmax always runs in f32 here (what `upcast_attention` asks for).
@@ -221,15 +254,15 @@ impl TransformerConfig {
                  attention_head_dim = {inner_dim} (the caption projection outputs inner_dim)"
             )));
         }
-        if use_additional_conditions && inner_dim % 3 != 0 {
+        if use_additional_conditions && !inner_dim.is_multiple_of(3) {
             return Err(err(format!(
                 "key `use_additional_conditions`: micro-conditions need an inner_dim divisible by 3, got {inner_dim}"
             )));
         }
-        if !(interpolation_scale > 0.0) {
+        if interpolation_scale.is_nan() || interpolation_scale <= 0.0 {
             return Err(err("key `interpolation_scale`: must be positive".into()));
         }
-        if !(norm_eps > 0.0) {
+        if norm_eps.is_nan() || norm_eps <= 0.0 {
             return Err(err("key `norm_eps`: must be positive".into()));
         }
         Ok(Self {
@@ -257,7 +290,10 @@ impl TransformerConfig {
     pub fn to_json_string(&self) -> String {
         let mut v = serde_json::to_value(self).expect("config serialises");
         if let Value::Object(m) = &mut v {
-            m.insert("_class_name".into(), Value::String("PixArtTransformer2DModel".into()));
+            m.insert(
+                "_class_name".into(),
+                Value::String("PixArtTransformer2DModel".into()),
+            );
         }
         serde_json::to_string_pretty(&v).expect("config serialises")
     }
@@ -272,10 +308,12 @@ impl Parser<'_> {
     fn optional<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| Error::Config {
-                path: self.path.clone(),
-                message: format!("key `{key}`: {e}"),
-            }),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| Error::Config {
+                    path: self.path.clone(),
+                    message: format!("key `{key}`: {e}"),
+                }),
         }
     }
 
@@ -317,7 +355,10 @@ mod tests {
 
     #[test]
     fn explicit_keys_override_derivation() {
-        let c = HUB_1024.replace("\"use_linear_projection\": false", "\"interpolation_scale\": 0.5, \"use_additional_conditions\": false");
+        let c = HUB_1024.replace(
+            "\"use_linear_projection\": false",
+            "\"interpolation_scale\": 0.5, \"use_additional_conditions\": false",
+        );
         let cfg = TransformerConfig::from_json_str(&c, "config.json").unwrap();
         assert_eq!(cfg.interpolation_scale, 0.5);
         assert!(!cfg.use_additional_conditions);
@@ -326,13 +367,25 @@ mod tests {
     #[test]
     fn unknown_and_missing_keys_are_named() {
         let c = HUB_1024.replace("\"dropout\"", "\"droppout\"");
-        let e = TransformerConfig::from_json_str(&c, "/m/transformer/config.json").unwrap_err().to_string();
-        assert!(e.contains("/m/transformer/config.json") && e.contains("unknown key `droppout`"), "{e}");
+        let e = TransformerConfig::from_json_str(&c, "/m/transformer/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/m/transformer/config.json") && e.contains("unknown key `droppout`"),
+            "{e}"
+        );
         let c = HUB_1024.replace("\"num_layers\": 28,", "");
-        let e = TransformerConfig::from_json_str(&c, "cfg.json").unwrap_err().to_string();
-        assert!(e.contains("cfg.json") && e.contains("missing required key `num_layers`"), "{e}");
+        let e = TransformerConfig::from_json_str(&c, "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cfg.json") && e.contains("missing required key `num_layers`"),
+            "{e}"
+        );
         let c = HUB_1024.replace("\"num_layers\": 28", "\"num_layers\": \"many\"");
-        let e = TransformerConfig::from_json_str(&c, "cfg.json").unwrap_err().to_string();
+        let e = TransformerConfig::from_json_str(&c, "cfg.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `num_layers`"), "{e}");
     }
 

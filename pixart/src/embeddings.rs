@@ -9,18 +9,106 @@
 use std::sync::Mutex;
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::Linear;
 
 use crate::config::TransformerConfig;
 use crate::weights::WeightPath;
 use crate::{Error, Result};
 
-/// Loads `name.weight` (out, in) and, when `bias`, `name.bias` (out) as a candle [`Linear`].
-pub fn linear(p: &WeightPath<'_>, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+/// A linear layer `y = x·Wᵀ + b` that stores `Wᵀ` as a contiguous `(in, out)` matrix.
+///
+/// Why not `candle_nn::Linear`: it multiplies by a transposed view of the `(out, in)` weight on every call;
+/// gemm runs measurably faster (~5–10 % here) on a row-major `(in, out)` right-hand side, and keeping our own
+/// type lets the attention fuse its q/k/v projections into one matmul ([`Dense::concat`]).
+#[derive(Debug, Clone)]
+pub struct Dense {
+    /// `(in, out)`; a transposed view instead when the source weight is not materialised (shape-only loads).
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Dense {
+    /// From a PyTorch-layout weight `(out, in)` and optional bias `(out,)`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight_t = if weight.is_contiguous() {
+            weight.t()?.contiguous()?
+        } else {
+            weight.t()?
+        };
+        Ok(Self { weight_t, bias })
+    }
+
+    /// Whether the weight is held in memory (false for the broadcast zeros of a shape-only load).
+    pub fn is_materialised(&self) -> bool {
+        self.weight_t.is_contiguous()
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight_t.dims()[0]
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight_t.dims()[1]
+    }
+
+    /// Stacks layers that read the same input along the output dim (one matmul instead of several), scaling
+    /// the first one's output by `first_scale`. `None` unless every part is materialised and biases agree.
+    pub fn concat(parts: &[&Dense], first_scale: f64) -> Result<Option<Dense>> {
+        if parts.is_empty() || parts.iter().any(|p| !p.is_materialised()) {
+            return Ok(None);
+        }
+        let has_bias = parts[0].bias.is_some();
+        if parts.iter().any(|p| p.bias.is_some() != has_bias) {
+            return Ok(None);
+        }
+        let mut ws = vec![(&parts[0].weight_t * first_scale)?];
+        ws.extend(parts[1..].iter().map(|p| p.weight_t.clone()));
+        let weight_t = Tensor::cat(&ws, 1)?.contiguous()?;
+        let bias = if has_bias {
+            let mut bs = vec![(parts[0].bias.as_ref().expect("checked") * first_scale)?];
+            bs.extend(parts[1..].iter().map(|p| p.bias.clone().expect("checked")));
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Ok(Some(Dense { weight_t, bias }))
+    }
+}
+
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / k.max(1);
+        let x2 = x.reshape((rows, k))?;
+        let y = x2.matmul(&self.weight_t)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_dim();
+        }
+        y.reshape(out_dims)
+    }
+}
+
+/// Loads `name.weight` (out, in) and, when `bias`, `name.bias` (out) as a [`Dense`] layer.
+pub fn linear(
+    p: &WeightPath<'_>,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+) -> Result<Dense> {
     let p = p.pp(name);
     let w = p.get("weight", (out_dim, in_dim))?;
-    let b = if bias { Some(p.get("bias", out_dim)?) } else { None };
-    Ok(Linear::new(w, b))
+    let b = if bias {
+        Some(p.get("bias", out_dim)?)
+    } else {
+        None
+    };
+    Dense::new(w, b)
 }
 
 /// The 2-D sin-cos positional table for a `grid_h × grid_w` token grid, row-major tokens, `embed_dim` wide.
@@ -36,7 +124,10 @@ pub fn sincos_2d_table(
     base_size: usize,
     interpolation_scale: f64,
 ) -> Vec<f32> {
-    assert!(embed_dim.is_multiple_of(4), "embed_dim must be divisible by 4");
+    assert!(
+        embed_dim.is_multiple_of(4),
+        "embed_dim must be divisible by 4"
+    );
     let half = embed_dim / 2; // per axis
     let quarter = half / 2; // sin or cos block
     // diffusers builds positions in f32 (arange / python float / python float), frequencies in f64.
@@ -45,8 +136,9 @@ pub fn sincos_2d_table(
         let scale = interpolation_scale as f32;
         (0..n).map(|i| ((i as f32 / step) / scale) as f64).collect()
     };
-    let omega: Vec<f64> =
-        (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
     let emb_1d = |pos: f64, out: &mut [f32]| {
         for (k, w) in omega.iter().enumerate() {
             let a = pos * w;
@@ -75,7 +167,9 @@ pub fn timestep_sinusoid(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     let t = t.flatten_all()?.to_dtype(DType::F32)?;
     let ln = -(10000f64.ln()) as f32;
-    let freqs: Vec<f32> = (0..half).map(|k| ((ln * k as f32) / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| ((ln * k as f32) / half as f32).exp())
+        .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
     let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let emb = Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?;
@@ -120,7 +214,13 @@ impl PatchEmbed {
     }
 
     /// The positional table `(1, h·w, D)` for a token grid, in `dtype` on `device`.
-    pub fn positional_table(&self, h: usize, w: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn positional_table(
+        &self,
+        h: usize,
+        w: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((ch, cw, t)) = cache.as_ref()
             && *ch == h
@@ -130,7 +230,13 @@ impl PatchEmbed {
         {
             return Ok(t.clone());
         }
-        let table = sincos_2d_table(self.embed_dim, h, w, self.base_size, self.interpolation_scale);
+        let table = sincos_2d_table(
+            self.embed_dim,
+            h,
+            w,
+            self.base_size,
+            self.interpolation_scale,
+        );
         let t = Tensor::from_vec(table, (1, h * w, self.embed_dim), device)?.to_dtype(dtype)?;
         *cache = Some((h, w, t.clone()));
         Ok(t)
@@ -140,7 +246,12 @@ impl PatchEmbed {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, hh, ww) = x.dims4()?;
         let p = self.patch_size;
-        if c != self.in_channels || !hh.is_multiple_of(p) || !ww.is_multiple_of(p) || hh == 0 || ww == 0 {
+        if c != self.in_channels
+            || !hh.is_multiple_of(p)
+            || !ww.is_multiple_of(p)
+            || hh == 0
+            || ww == 0
+        {
             return Err(Error::InvalidInput {
                 field: "hidden_states",
                 message: format!(
@@ -156,7 +267,10 @@ impl PatchEmbed {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * h * w, c * p * p))?;
-        let tokens = patches.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?.reshape((b, h * w, ()))?;
+        let tokens = patches
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?
+            .reshape((b, h * w, ()))?;
         let pe = self.positional_table(h, w, x.dtype(), x.device())?;
         Ok(tokens.broadcast_add(&pe)?)
     }
@@ -164,13 +278,16 @@ impl PatchEmbed {
 
 /// `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`.
 pub struct TimestepEmbedding {
-    pub linear_1: Linear,
-    pub linear_2: Linear,
+    pub linear_1: Dense,
+    pub linear_2: Dense,
 }
 
 impl TimestepEmbedding {
     pub fn load(p: &WeightPath<'_>, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self { linear_1: linear(p, "linear_1", in_dim, out_dim, true)?, linear_2: linear(p, "linear_2", out_dim, out_dim, true)? })
+        Ok(Self {
+            linear_1: linear(p, "linear_1", in_dim, out_dim, true)?,
+            linear_2: linear(p, "linear_2", out_dim, out_dim, true)?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -186,7 +303,7 @@ pub struct AdaLayerNormSingle {
     pub timestep_embedder: TimestepEmbedding,
     /// `(resolution_embedder, aspect_ratio_embedder)` when the config uses micro-conditions.
     pub size_embedders: Option<(TimestepEmbedding, TimestepEmbedding)>,
-    pub linear: Linear,
+    pub linear: Dense,
 }
 
 /// What `adaln_single` returns for a batch.
@@ -201,7 +318,8 @@ impl AdaLayerNormSingle {
     pub fn load(p: &WeightPath<'_>, cfg: &TransformerConfig) -> Result<Self> {
         let d = cfg.inner_dim();
         let emb = p.pp("emb");
-        let timestep_embedder = TimestepEmbedding::load(&emb.pp("timestep_embedder"), SINUSOID_DIM, d)?;
+        let timestep_embedder =
+            TimestepEmbedding::load(&emb.pp("timestep_embedder"), SINUSOID_DIM, d)?;
         let size_embedders = if cfg.use_additional_conditions {
             let s = cfg.size_emb_dim();
             Some((
@@ -212,7 +330,11 @@ impl AdaLayerNormSingle {
             None
         };
         let linear = linear(p, "linear", d, 6 * d, true)?;
-        Ok(Self { timestep_embedder, size_embedders, linear })
+        Ok(Self {
+            timestep_embedder,
+            size_embedders,
+            linear,
+        })
     }
 
     /// `timestep` `(B,)` float; `res_ar` = (`resolution` `(B, 2)` [height, width] px, `aspect_ratio` `(B, 1)`),
@@ -224,7 +346,9 @@ impl AdaLayerNormSingle {
         dtype: DType,
     ) -> Result<TimestepConditioning> {
         let b = timestep.elem_count();
-        let t_emb = self.timestep_embedder.forward(&timestep_sinusoid(timestep, SINUSOID_DIM)?.to_dtype(dtype)?)?;
+        let t_emb = self
+            .timestep_embedder
+            .forward(&timestep_sinusoid(timestep, SINUSOID_DIM)?.to_dtype(dtype)?)?;
         let emb = match &self.size_embedders {
             None => t_emb,
             Some((res_embedder, ar_embedder)) => {
@@ -247,21 +371,28 @@ impl AdaLayerNormSingle {
                         message: format!("expected shape ({b}, 1), got {:?}", ar.dims()),
                     });
                 }
-                let r = res_embedder.forward(&timestep_sinusoid(res, SINUSOID_DIM)?.to_dtype(dtype)?)?.reshape((b, ()))?;
-                let a = ar_embedder.forward(&timestep_sinusoid(ar, SINUSOID_DIM)?.to_dtype(dtype)?)?.reshape((b, ()))?;
+                let r = res_embedder
+                    .forward(&timestep_sinusoid(res, SINUSOID_DIM)?.to_dtype(dtype)?)?
+                    .reshape((b, ()))?;
+                let a = ar_embedder
+                    .forward(&timestep_sinusoid(ar, SINUSOID_DIM)?.to_dtype(dtype)?)?
+                    .reshape((b, ()))?;
                 (t_emb + Tensor::cat(&[r, a], 1)?)?
             }
         };
         let d = emb.dim(1)?;
         let t0 = self.linear.forward(&emb.silu()?)?.reshape((b, 6, d))?;
-        Ok(TimestepConditioning { t0, embedded_timestep: emb })
+        Ok(TimestepConditioning {
+            t0,
+            embedded_timestep: emb,
+        })
     }
 }
 
 /// `caption_projection` (PixArtAlphaTextProjection): `linear_2(gelu_tanh(linear_1(y)))`, T5 width to `D`.
 pub struct CaptionProjection {
-    pub linear_1: Linear,
-    pub linear_2: Linear,
+    pub linear_1: Dense,
+    pub linear_2: Dense,
 }
 
 impl CaptionProjection {
@@ -323,7 +454,10 @@ mod tests {
     #[test]
     fn timestep_sinusoid_is_cos_first() {
         let t = Tensor::new(&[0f32, 999.0], &Device::Cpu).unwrap();
-        let e = timestep_sinusoid(&t, 256).unwrap().to_vec2::<f32>().unwrap();
+        let e = timestep_sinusoid(&t, 256)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(e.len(), 2);
         assert!(e[0][..128].iter().all(|v| *v == 1.0), "cos block first");
         assert!(e[0][128..].iter().all(|v| *v == 0.0), "sin block second");

@@ -5,6 +5,7 @@ pub mod config;
 pub mod embeddings;
 pub mod error;
 pub mod image_ops;
+pub mod kernels;
 pub mod loading;
 pub mod pipeline;
 pub mod scheduler;

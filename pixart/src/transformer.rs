@@ -8,11 +8,10 @@
 use std::path::Path;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
-use candle_nn::Linear;
 
-use crate::attention::{Attention, MaskPlan, TextKeys, flash_available};
+use crate::attention::{Attention, AttentionKind, MaskPlan, TextKeys, flash_available};
 use crate::config::{FeedForwardActivation, TransformerConfig};
-use crate::embeddings::{AdaLayerNormSingle, CaptionProjection, PatchEmbed, linear};
+use crate::embeddings::{AdaLayerNormSingle, CaptionProjection, Dense, PatchEmbed, linear};
 use crate::weights::{WeightPath, Weights};
 use crate::{Error, Result};
 
@@ -37,7 +36,12 @@ pub struct Conditioning {
 /// One fused pass on the CPU (f32); other dtypes and devices fall back to the same arithmetic in f32 with
 /// tensor ops. Two-pass (rather than `E[x²] − E[x]²`, which candle's fused layer norm uses) because DiT hidden
 /// states can carry large means and the cancellation would cost digits.
-pub fn modulated_layer_norm(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn modulated_layer_norm(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let (b, _n, d) = x.dims3()?;
     let scale = scale.reshape((b, d))?;
     let shift = shift.reshape((b, d))?;
@@ -55,7 +59,10 @@ pub fn modulated_layer_norm(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f64
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     let scale = (scale.to_dtype(DType::F32)?.unsqueeze(1)? + 1.0)?;
     let shift = shift.to_dtype(DType::F32)?.unsqueeze(1)?;
-    Ok(xn.broadcast_mul(&scale)?.broadcast_add(&shift)?.to_dtype(dtype)?)
+    Ok(xn
+        .broadcast_mul(&scale)?
+        .broadcast_add(&shift)?
+        .to_dtype(dtype)?)
 }
 
 struct ModulatedLayerNorm {
@@ -95,7 +102,10 @@ impl CustomOp3 for ModulatedLayerNorm {
             let sc = &scale[bi * d..(bi + 1) * d];
             let sh = &shift[bi * d..(bi + 1) * d];
             let rows = bi * n * d..(bi + 1) * n * d;
-            for (src, dst) in x[rows.clone()].chunks_exact(d).zip(out[rows].chunks_exact_mut(d)) {
+            for (src, dst) in x[rows.clone()]
+                .chunks_exact(d)
+                .zip(out[rows].chunks_exact_mut(d))
+            {
                 let mean = src.iter().sum::<f32>() / d as f32;
                 let var = src.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
                 let rstd = 1.0 / (var + eps).sqrt();
@@ -110,8 +120,8 @@ impl CustomOp3 for ModulatedLayerNorm {
 
 /// `ff`: `net.2(gelu_tanh(net.0.proj(x)))`, hidden width 4·D.
 pub struct FeedForward {
-    pub proj_in: Linear,
-    pub proj_out: Linear,
+    pub proj_in: Dense,
+    pub proj_out: Dense,
     pub activation: FeedForwardActivation,
 }
 
@@ -129,7 +139,7 @@ impl FeedForward {
         let _span = tracing::trace_span!("ff").entered();
         let h = self.proj_in.forward(x)?;
         let h = match self.activation {
-            FeedForwardActivation::GeluTanh => h.gelu()?,
+            FeedForwardActivation::GeluTanh => crate::kernels::gelu_tanh(&h)?,
             FeedForwardActivation::GeluErf => h.gelu_erf()?,
         };
         Ok(self.proj_out.forward(&h)?)
@@ -152,8 +162,24 @@ impl PixArtBlock {
         let (h, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
         Ok(Self {
             scale_shift_table: p.get("scale_shift_table", (6, d))?,
-            attn1: Attention::load(&p.pp("attn1"), d, d, h, hd, cfg.attention_bias)?,
-            attn2: Attention::load(&p.pp("attn2"), d, cfg.cross_attention_dim, h, hd, cfg.attention_bias)?,
+            attn1: Attention::load(
+                &p.pp("attn1"),
+                AttentionKind::SelfAttention,
+                d,
+                d,
+                h,
+                hd,
+                cfg.attention_bias,
+            )?,
+            attn2: Attention::load(
+                &p.pp("attn2"),
+                AttentionKind::CrossAttention,
+                d,
+                cfg.cross_attention_dim,
+                h,
+                hd,
+                cfg.attention_bias,
+            )?,
             ff: FeedForward::load(&p.pp("ff"), d, cfg.activation_fn)?,
             eps: cfg.norm_eps,
         })
@@ -161,7 +187,9 @@ impl PixArtBlock {
 
     /// `x` `(B, N, D)` → `(B, N, D)`.
     pub fn forward(&self, x: &Tensor, cond: &Conditioning) -> Result<Tensor> {
-        let m = cond.t0.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, 6, D)
+        let m = cond
+            .t0
+            .broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, 6, D)
         let chunk = |i: usize| m.narrow(1, i, 1);
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
@@ -189,7 +217,7 @@ impl PixArtBlock {
 pub struct FinalLayer {
     /// `(2, D)`: shift, scale.
     pub scale_shift_table: Tensor,
-    pub proj_out: Linear,
+    pub proj_out: Dense,
     pub patch_size: usize,
     pub out_channels: usize,
 }
@@ -201,12 +229,17 @@ impl FinalLayer {
         let (b, _, _) = x.dims3()?;
         let (h, w) = cond.grid;
         let (p, c) = (self.patch_size, self.out_channels);
-        let m = cond.embedded_timestep.unsqueeze(1)?.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
+        let m = cond
+            .embedded_timestep
+            .unsqueeze(1)?
+            .broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
         let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
         // diffusers' norm_out has a hard-coded eps of 1e-6, independent of `norm_eps`.
         let x = modulated_layer_norm(x, &scale, &shift, 1e-6)?;
         let x = self.proj_out.forward(&x)?;
-        Ok(x.reshape((b, h, w, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c, h * p, w * p))?)
+        Ok(x.reshape((b, h, w, p, p, c))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((b, c, h * p, w * p))?)
     }
 }
 
@@ -229,7 +262,11 @@ impl PixArtTransformer {
         let dir = dir.as_ref();
         let _span = tracing::info_span!("transformer.load", dir = %dir.display()).entered();
         let config = TransformerConfig::from_file(dir.join("config.json"))?;
-        let weights = Weights::from_safetensors(dir.join("diffusion_pytorch_model.safetensors"), dtype, device)?;
+        let weights = Weights::from_safetensors(
+            dir.join("diffusion_pytorch_model.safetensors"),
+            dtype,
+            device,
+        )?;
         Self::new(config, &weights)
     }
 
@@ -251,10 +288,15 @@ impl PixArtTransformer {
             patch_size: p,
             out_channels: config.out_channels,
         };
-        let unused: Vec<String> =
-            weights.unused().into_iter().filter(|n| !IGNORED_TENSORS.contains(&n.as_str())).collect();
+        let unused: Vec<String> = weights
+            .unused()
+            .into_iter()
+            .filter(|n| !IGNORED_TENSORS.contains(&n.as_str()))
+            .collect();
         if let Some(name) = unused.first() {
-            let hint = if name.contains("resolution_embedder") || name.contains("aspect_ratio_embedder") {
+            let hint = if name.contains("resolution_embedder")
+                || name.contains("aspect_ratio_embedder")
+            {
                 " (the config disables micro-conditions but the checkpoint has them: check `sample_size` / \
                  `use_additional_conditions`)"
             } else {
@@ -330,7 +372,10 @@ impl PixArtTransformer {
             _ => {
                 return Err(Error::InvalidInput {
                     field: "timestep",
-                    message: format!("expected ({b},) or a single value, got {:?}", timestep.dims()),
+                    message: format!(
+                        "expected ({b},) or a single value, got {:?}",
+                        timestep.dims()
+                    ),
                 });
             }
         };
@@ -339,20 +384,35 @@ impl PixArtTransformer {
             Some((r, a)) => Some((r.to_device(&self.device)?, a.to_device(&self.device)?)),
             None => None,
         };
-        let tc = self.adaln_single.forward(&timestep, res_ar.as_ref().map(|(r, a)| (r, a)), self.dtype)?;
+        let tc = self.adaln_single.forward(
+            &timestep,
+            res_ar.as_ref().map(|(r, a)| (r, a)),
+            self.dtype,
+        )?;
 
         let y_dims = y.dims();
         if y_dims.len() != 3 || y_dims[0] != b || y_dims[2] != cfg.caption_channels {
             return Err(Error::InvalidInput {
                 field: "encoder_hidden_states",
-                message: format!("expected ({b}, L, {}), got {y_dims:?}", cfg.caption_channels),
+                message: format!(
+                    "expected ({b}, L, {}), got {y_dims:?}",
+                    cfg.caption_channels
+                ),
             });
         }
         let l = y_dims[1];
         let y = y.to_device(&self.device)?.to_dtype(self.dtype)?;
         let plan = MaskPlan::new(mask, b, l, flash_available(&y))?;
         let text = TextKeys::new(&y, &plan, |t| self.caption_projection.forward(t))?;
-        Ok((tokens, Conditioning { t0: tc.t0, embedded_timestep: tc.embedded_timestep, text, grid }))
+        Ok((
+            tokens,
+            Conditioning {
+                t0: tc.t0,
+                embedded_timestep: tc.embedded_timestep,
+                text,
+                grid,
+            },
+        ))
     }
 
     /// The full forward: `(B, out_channels, H, W)` in the model dtype (learned-sigma channels included).
@@ -368,7 +428,8 @@ impl PixArtTransformer {
             field: "hidden_states",
             message: format!("expected (B, C, H, W), got {:?}", x.dims()),
         })?;
-        let _span = tracing::debug_span!("transformer.forward", batch = b, height = hh, width = ww).entered();
+        let _span = tracing::debug_span!("transformer.forward", batch = b, height = hh, width = ww)
+            .entered();
         let (mut h, cond) = self.prepare(x, timestep, y, mask, res_ar)?;
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let _s = tracing::trace_span!("block", index = i).entered();
@@ -390,13 +451,19 @@ pub mod conformance {
     use crate::{Error, Result};
 
     fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
-        inputs.get(name).ok_or_else(|| Error::Tensor { name: name.into(), message: "missing from the inputs".into() })
+        inputs.get(name).ok_or_else(|| Error::Tensor {
+            name: name.into(),
+            message: "missing from the inputs".into(),
+        })
     }
 
     /// Runs one forward on tensors named as in the contract: `hidden_states`, `timestep`,
     /// `encoder_hidden_states`, `encoder_attention_mask` (f32 or i64), and `resolution` / `aspect_ratio` when the
     /// model uses micro-conditions. Returns `sample`.
-    pub fn forward_named(model: &PixArtTransformer, inputs: &HashMap<String, Tensor>) -> Result<Tensor> {
+    pub fn forward_named(
+        model: &PixArtTransformer,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<Tensor> {
         let x = input(inputs, "hidden_states")?;
         let t = input(inputs, "timestep")?;
         let y = input(inputs, "encoder_hidden_states")?;
@@ -412,11 +479,14 @@ pub mod conformance {
     /// Loads the model from `model_dir` (f32, CPU), reads `inputs`, writes `sample` to `out`.
     pub fn run_files(model_dir: &Path, inputs: &Path, out: &Path) -> Result<()> {
         let model = PixArtTransformer::load(model_dir, DType::F32, &Device::Cpu)?;
-        let tensors = candle_core::safetensors::load(inputs, &Device::Cpu).map_err(|e| Error::Io {
-            path: inputs.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-        })?;
-        let sample = forward_named(&model, &tensors)?.to_dtype(DType::F32)?.contiguous()?;
+        let tensors =
+            candle_core::safetensors::load(inputs, &Device::Cpu).map_err(|e| Error::Io {
+                path: inputs.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            })?;
+        let sample = forward_named(&model, &tensors)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
         let outputs = HashMap::from([("sample".to_string(), sample)]);
         candle_core::safetensors::save(&outputs, out).map_err(|e| Error::Io {
             path: out.to_path_buf(),

@@ -18,7 +18,12 @@ use crate::{Error, Result};
 
 enum Source {
     /// A safetensors file: header parsed, data read per tensor.
-    File { path: PathBuf, file: Mutex<File>, data_start: u64, entries: HashMap<String, Entry> },
+    File {
+        path: PathBuf,
+        file: Mutex<File>,
+        data_start: u64,
+        entries: HashMap<String, Entry>,
+    },
     /// Tensors already in memory.
     Tensors(HashMap<String, Tensor>),
     /// Shapes only: every tensor is a broadcast zero (no allocation). For load tests at the real size.
@@ -44,7 +49,10 @@ impl Weights {
     /// Opens a safetensors file; tensors are read when requested.
     pub fn from_safetensors(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io { path: path.clone(), source };
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
         let bad = |message: String| Error::Io {
             path: path.clone(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, message),
@@ -55,7 +63,9 @@ impl Weights {
         file.read_exact(&mut len).map_err(io)?;
         let header_len = u64::from_le_bytes(len);
         if header_len > 100_000_000 || 8 + header_len > file_len {
-            return Err(bad(format!("not a safetensors file (header length {header_len})")));
+            return Err(bad(format!(
+                "not a safetensors file (header length {header_len})"
+            )));
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header).map_err(io)?;
@@ -69,11 +79,22 @@ impl Weights {
             }
             let entry = parse_entry(&name, &info).map_err(bad)?;
             if data_start + entry.end > file_len {
-                return Err(bad(format!("tensor `{name}` lies beyond the end of the file (truncated download?)")));
+                return Err(bad(format!(
+                    "tensor `{name}` lies beyond the end of the file (truncated download?)"
+                )));
             }
             entries.insert(name, entry);
         }
-        Ok(Self::new(Source::File { path, file: Mutex::new(file), data_start, entries }, dtype, device))
+        Ok(Self::new(
+            Source::File {
+                path,
+                file: Mutex::new(file),
+                data_start,
+                entries,
+            },
+            dtype,
+            device,
+        ))
     }
 
     /// Wraps tensors already in memory.
@@ -87,7 +108,12 @@ impl Weights {
     }
 
     fn new(source: Source, dtype: DType, device: &Device) -> Self {
-        Self { source, dtype, device: device.clone(), used: Mutex::new(BTreeMap::new()) }
+        Self {
+            source,
+            dtype,
+            device: device.clone(),
+            used: Mutex::new(BTreeMap::new()),
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -100,7 +126,10 @@ impl Weights {
 
     /// A view whose names are prefixed with `prefix.` (mirrors the checkpoint's module tree).
     pub fn pp(&self, prefix: impl AsRef<str>) -> WeightPath<'_> {
-        WeightPath { weights: self, prefix: prefix.as_ref().to_string() }
+        WeightPath {
+            weights: self,
+            prefix: prefix.as_ref().to_string(),
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -134,32 +163,55 @@ impl Weights {
     /// model dtype and device.
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape: Shape = shape.into();
-        let terr = |message: String| Error::Tensor { name: name.to_string(), message };
+        let terr = |message: String| Error::Tensor {
+            name: name.to_string(),
+            message,
+        };
         let Some(stored) = self.stored_shape(name) else {
-            return Err(terr(format!("missing from the checkpoint (expected shape {:?})", shape.dims())));
+            return Err(terr(format!(
+                "missing from the checkpoint (expected shape {:?})",
+                shape.dims()
+            )));
         };
         if stored != shape.dims() {
-            return Err(terr(format!("has shape {stored:?}, expected {:?}", shape.dims())));
+            return Err(terr(format!(
+                "has shape {stored:?}, expected {:?}",
+                shape.dims()
+            )));
         }
         let t = match &self.source {
-            Source::File { path, file, data_start, entries } => {
+            Source::File {
+                path,
+                file,
+                data_start,
+                entries,
+            } => {
                 let e = &entries[name];
                 if !e.dtype.is_float() {
-                    return Err(terr(format!("has dtype {:?}, expected a float type", e.dtype)));
+                    return Err(terr(format!(
+                        "has dtype {:?}, expected a float type",
+                        e.dtype
+                    )));
                 }
                 let mut buf = vec![0u8; (e.end - e.start) as usize];
                 {
                     let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
                     f.seek(SeekFrom::Start(data_start + e.start))
                         .and_then(|_| f.read_exact(&mut buf))
-                        .map_err(|source| Error::Io { path: path.clone(), source })?;
+                        .map_err(|source| Error::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
                 }
                 Tensor::from_raw_buffer(&buf, e.dtype, &e.shape, &Device::Cpu)?
             }
             Source::Tensors(map) => {
                 let t = map[name].clone();
                 if !t.dtype().is_float() {
-                    return Err(terr(format!("has dtype {:?}, expected a float type", t.dtype())));
+                    return Err(terr(format!(
+                        "has dtype {:?}, expected a float type",
+                        t.dtype()
+                    )));
                 }
                 t
             }
@@ -171,24 +223,38 @@ impl Weights {
         };
         self.record(name, shape.elem_count());
         // Convert on the host before moving: halves the bytes sent to a GPU.
-        let t = if t.dtype() == self.dtype { t } else { t.to_dtype(self.dtype)? };
+        let t = if t.dtype() == self.dtype {
+            t
+        } else {
+            t.to_dtype(self.dtype)?
+        };
         Ok(t.to_device(&self.device)?)
     }
 
     fn record(&self, name: &str, count: usize) {
-        self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), count);
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), count);
     }
 
     /// Number of parameters fetched so far (each name counted once).
     pub fn used_parameter_count(&self) -> usize {
-        self.used.lock().unwrap_or_else(|p| p.into_inner()).values().sum()
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
     }
 
     /// Names in the source that no `get` asked for, sorted.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         let used: BTreeSet<&String> = used.keys().collect();
-        self.names().into_iter().filter(|n| !used.contains(n)).collect()
+        self.names()
+            .into_iter()
+            .filter(|n| !used.contains(n))
+            .collect()
     }
 }
 
@@ -214,9 +280,16 @@ fn parse_entry(name: &str, info: &serde_json::Value) -> std::result::Result<Entr
         .ok_or_else(|| format!("tensor `{name}`: bad data_offsets in header"))?;
     let want = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
     if offsets[1] < offsets[0] || offsets[1] - offsets[0] != want {
-        return Err(format!("tensor `{name}`: data_offsets {offsets:?} do not match shape {shape:?}"));
+        return Err(format!(
+            "tensor `{name}`: data_offsets {offsets:?} do not match shape {shape:?}"
+        ));
     }
-    Ok(Entry { dtype, shape, start: offsets[0], end: offsets[1] })
+    Ok(Entry {
+        dtype,
+        shape,
+        start: offsets[0],
+        end: offsets[1],
+    })
 }
 
 /// A prefixed view of [`Weights`], like `VarBuilder::pp`.
@@ -228,11 +301,18 @@ pub struct WeightPath<'a> {
 
 impl<'a> WeightPath<'a> {
     pub fn pp(&self, name: impl AsRef<str>) -> WeightPath<'a> {
-        WeightPath { weights: self.weights, prefix: self.name(name.as_ref()) }
+        WeightPath {
+            weights: self.weights,
+            prefix: self.name(name.as_ref()),
+        }
     }
 
     fn name(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
     }
 
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {

@@ -43,12 +43,18 @@ fn real_checkpoint_shapes() -> HashMap<String, Vec<usize>> {
     m.insert("pos_embed.proj.bias".into(), vec![d]);
     m.insert("scale_shift_table".into(), vec![2, d]);
     for i in 0..28 {
-        m.insert(format!("transformer_blocks.{i}.scale_shift_table"), vec![6, d]);
+        m.insert(
+            format!("transformer_blocks.{i}.scale_shift_table"),
+            vec![6, d],
+        );
     }
     m
 }
 
-fn build(shapes: HashMap<String, Vec<usize>>, cfg: TransformerConfig) -> pixart::Result<PixArtTransformer> {
+fn build(
+    shapes: HashMap<String, Vec<usize>>,
+    cfg: TransformerConfig,
+) -> pixart::Result<PixArtTransformer> {
     PixArtTransformer::new(cfg, &Weights::from_shapes(shapes, DType::F32, &Device::Cpu))
 }
 
@@ -57,7 +63,8 @@ fn real_checkpoint_loads_and_counts_611m_parameters() {
     let shapes = real_checkpoint_shapes();
     let total: usize = shapes.values().map(|s| s.iter().product::<usize>()).sum();
     assert_eq!(total, REAL_PARAMS, "the spec's key list itself");
-    let m = build(shapes, TransformerConfig::xl_2_1024_ms()).expect("loader accepts the real key list");
+    let m =
+        build(shapes, TransformerConfig::xl_2_1024_ms()).expect("loader accepts the real key list");
     assert_eq!(m.num_parameters(), REAL_PARAMS);
     assert_eq!(m.transformer_blocks.len(), 28);
 }
@@ -67,32 +74,63 @@ fn extra_null_caption_is_tolerated() {
     let mut shapes = real_checkpoint_shapes();
     shapes.insert("caption_projection.y_embedding".into(), vec![120, 4096]);
     let m = build(shapes, TransformerConfig::xl_2_1024_ms()).unwrap();
-    assert_eq!(m.num_parameters(), REAL_PARAMS, "y_embedding is not a model parameter");
+    assert_eq!(
+        m.num_parameters(),
+        REAL_PARAMS,
+        "y_embedding is not a model parameter"
+    );
 }
 
 #[test]
 fn missing_tensor_is_named() {
     let mut shapes = real_checkpoint_shapes();
     shapes.remove("transformer_blocks.13.attn2.to_k.weight");
-    let e = build(shapes, TransformerConfig::xl_2_1024_ms()).err().expect("must fail").to_string();
-    assert!(e.contains("transformer_blocks.13.attn2.to_k.weight") && e.contains("missing"), "{e}");
+    let e = build(shapes, TransformerConfig::xl_2_1024_ms())
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        e.contains("transformer_blocks.13.attn2.to_k.weight") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
 fn misshaped_tensor_is_named() {
     let mut shapes = real_checkpoint_shapes();
-    shapes.insert("transformer_blocks.27.ff.net.2.weight".into(), vec![1152, 4607]);
-    let e = build(shapes, TransformerConfig::xl_2_1024_ms()).err().expect("must fail").to_string();
-    assert!(e.contains("transformer_blocks.27.ff.net.2.weight") && e.contains("4607"), "{e}");
+    shapes.insert(
+        "transformer_blocks.27.ff.net.2.weight".into(),
+        vec![1152, 4607],
+    );
+    let e = build(shapes, TransformerConfig::xl_2_1024_ms())
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        e.contains("transformer_blocks.27.ff.net.2.weight") && e.contains("4607"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
     let mut shapes = real_checkpoint_shapes();
-    shapes.insert("transformer_blocks.28.attn1.to_q.weight".into(), vec![1152, 1152]);
-    let e = build(shapes, TransformerConfig::xl_2_1024_ms()).err().expect("must fail").to_string();
+    shapes.insert(
+        "transformer_blocks.28.attn1.to_q.weight".into(),
+        vec![1152, 1152],
+    );
+    let e = build(shapes, TransformerConfig::xl_2_1024_ms())
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(e.contains("transformer_blocks.28.attn1.to_q.weight"), "{e}");
     // The 1024 checkpoint with a 512-class config: the size embedders are left over.
-    let e = build(real_checkpoint_shapes(), TransformerConfig::xl_2_512()).err().expect("must fail").to_string();
-    assert!(e.contains("resolution_embedder") || e.contains("aspect_ratio_embedder"), "{e}");
+    let e = build(real_checkpoint_shapes(), TransformerConfig::xl_2_512())
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        e.contains("resolution_embedder") || e.contains("aspect_ratio_embedder"),
+        "{e}"
+    );
 }

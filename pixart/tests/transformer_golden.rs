@@ -59,7 +59,10 @@ fn no_micro_conditions_non_square_batch2_mask_with_hole() -> Result<()> {
 #[test]
 fn derived_config_and_extra_y_embedding() -> Result<()> {
     let m = PixArtTransformer::load(fixtures().join("micro"), DType::F32, &Device::Cpu)?;
-    assert!(m.config.use_additional_conditions, "sample_size 128 derives micro-conditions");
+    assert!(
+        m.config.use_additional_conditions,
+        "sample_size 128 derives micro-conditions"
+    );
     assert_eq!(m.config.interpolation_scale, 2.0);
     let p = PixArtTransformer::load(fixtures().join("plain"), DType::F32, &Device::Cpu)?;
     assert!(!p.config.use_additional_conditions);
@@ -74,8 +77,10 @@ fn batch_rows_are_independent() -> Result<()> {
     let m = PixArtTransformer::load(fixtures().join("micro"), DType::F32, &Device::Cpu)?;
     let inputs = load(fixtures().join("micro_b2_padded.inputs.safetensors"))?;
     let expected = load(fixtures().join("micro_b2_padded.expected.safetensors"))?;
-    let row: HashMap<String, Tensor> =
-        inputs.iter().map(|(k, v)| (k.clone(), v.i(1..2).unwrap())).collect();
+    let row: HashMap<String, Tensor> = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.i(1..2).unwrap()))
+        .collect();
     let ours = conformance::forward_named(&m, &row)?;
     let err = rel_err(&ours, &expected["sample"].i(1..2)?)?;
     assert!(err <= TOL, "row 1 alone: {err}");
@@ -101,7 +106,9 @@ fn conformance_harness_files() -> Result<()> {
     let mut inputs = load(fixtures().join("plain_b2_nonsquare.inputs.safetensors"))?;
     inputs.remove("timestep");
     candle_core::safetensors::save(&inputs, &bad)?;
-    let e = conformance::run_files(&fixtures().join("plain"), &bad, &out).unwrap_err().to_string();
+    let e = conformance::run_files(&fixtures().join("plain"), &bad, &out)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("timestep"), "{e}");
     Ok(())
 }
@@ -112,7 +119,13 @@ fn micro_conditions_are_required() -> Result<()> {
     let m = PixArtTransformer::load(fixtures().join("micro"), DType::F32, &Device::Cpu)?;
     let inputs = load(fixtures().join("micro_nonsquare.inputs.safetensors"))?;
     let e = m
-        .forward(&inputs["hidden_states"], &inputs["timestep"], &inputs["encoder_hidden_states"], None, None)
+        .forward(
+            &inputs["hidden_states"],
+            &inputs["timestep"],
+            &inputs["encoder_hidden_states"],
+            None,
+            None,
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("resolution"), "{e}");

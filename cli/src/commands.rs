@@ -104,8 +104,8 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub steps: Option<u32>,
     /// Render each item without a seed once per seed: `7`, `1,2,5`, `0-9`.
-    #[arg(long, value_parser = input::parse_seeds)]
-    pub seeds: Option<Vec<u64>>,
+    #[arg(long, value_parser = parse_seed_list)]
+    pub seeds: Option<SeedList>,
     /// high, normal or low.
     #[arg(long, default_value = "normal")]
     pub priority: String,
@@ -121,6 +121,15 @@ pub struct SubmitArgs {
     /// Wait for the job to finish, with a progress bar.
     #[arg(long)]
     pub wait: bool,
+}
+
+/// A parsed `--seeds` value (a newtype, because clap reads `Option<Vec<_>>`
+/// as "repeatable").
+#[derive(Debug, Clone)]
+pub struct SeedList(pub Vec<u64>);
+
+fn parse_seed_list(s: &str) -> Result<SeedList, String> {
+    input::parse_seeds(s).map(SeedList)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -319,7 +328,7 @@ async fn submit(c: &mut Client, a: SubmitArgs) -> anyhow::Result<()> {
         &input::Overrides {
             size: a.size,
             steps: a.steps,
-            seeds: a.seeds,
+            seeds: a.seeds.map(|s| s.0),
         },
     );
     let spec = pb::JobSpec {
@@ -431,4 +440,31 @@ fn result_json(r: &pb::Result) -> serde_json::Value {
         "succeeded": r.succeeded, "error": r.error, "attempts": r.attempts,
         "timings": {"queue_ms": t.queue_ms, "render_ms": t.render_ms, "encode_ms": t.encode_ms, "upload_ms": t.upload_ms},
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn submit_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "pixfarm", "submit", "p.jsonl", "--size", "64x32", "--steps", "2", "--seeds", "1-3,9",
+            "--priority", "high", "--label", "a=b", "--label", "c=d", "--wait",
+        ])
+        .unwrap();
+        let Command::Submit(a) = cli.command else { panic!("not submit") };
+        assert_eq!(a.size, Some((64, 32)));
+        assert_eq!(a.seeds.unwrap().0, [1, 2, 3, 9]);
+        assert_eq!(a.labels.len(), 2);
+        assert!(a.wait);
+        let e = Cli::try_parse_from(["pixfarm", "submit", "p", "--size", "big"]).unwrap_err();
+        assert!(e.to_string().contains("not WIDTHxHEIGHT"), "{e}");
+    }
 }

@@ -209,7 +209,15 @@ async fn submit_and_wait(args: &DevArgs, addr: &str, store: &Path) -> anyhow::Re
         args.prompts.display()
     );
     // Wait for the worker to load the model and render everything.
-    let job = client::wait(&mut c, &resp.job_id, false).await?;
+    let mut job = client::wait(&mut c, &resp.job_id, false).await?;
+    // The worker writes the manifest just after the last image is recorded.
+    for _ in 0..50 {
+        if !job.manifest_key.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        job = client::get_job(&mut c, &resp.job_id).await?;
+    }
     let job_dir = store.join("dev").join(&resp.job_id);
     println!(
         "job {} {}: {} images done, {} failed",

@@ -68,5 +68,40 @@ fn main() -> Result<()> {
             batch as f64 / median
         );
     }
+    // Where the time of one batch-1 image goes.
+    let t = Instant::now();
+    let ids = pipe.tokenize(&["a red fox in the snow"])?;
+    let (y, mask) = pipe.encode_ids(&ids)?;
+    let t_text = t.elapsed();
+    let f = pipe.vae().config().scale_factor();
+    let lat = (args.size as usize) / f;
+    let (latents, mut streams) = pipe.initial_latents(&[0], lat, lat)?;
+    let t = Instant::now();
+    let mut noise = |_i: usize| -> pixart::Result<candle_core::Tensor> {
+        Ok(streams[0]
+            .next_tensor(&[4, lat, lat], &candle_core::Device::Cpu)?
+            .unsqueeze(0)?)
+    };
+    let x = pipe.denoise(
+        &latents,
+        &y,
+        &mask,
+        args.steps,
+        args.size,
+        args.size,
+        &mut noise,
+        &mut |_| Control::Continue,
+    )?;
+    let t_denoise = t.elapsed();
+    let t = Instant::now();
+    let img = pipe.decode(&x, args.size, args.size)?;
+    let t_decode = t.elapsed();
+    let t = Instant::now();
+    std::hint::black_box(pixart::image_ops::encode_png(&img[0])?);
+    let t_png = t.elapsed();
+    println!(
+        "batch 1 breakdown: text {t_text:.2?}, {} LCM steps {t_denoise:.2?}, VAE decode {t_decode:.2?}, PNG {t_png:.2?}",
+        args.steps
+    );
     Ok(())
 }

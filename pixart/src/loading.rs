@@ -95,7 +95,9 @@ fn missing(path: &Path, what: &str) -> Error {
 pub fn resolve(source: &ModelSource) -> Result<ModelPaths> {
     match source {
         ModelSource::Dir(dir) => ModelPaths::from_dir(dir),
-        ModelSource::Hub { model_id, revision } => resolve_hub(model_id, revision.as_deref()),
+        ModelSource::Hub { model_id, revision } => {
+            resolve_hub(model_id, revision.as_deref(), hf_hub::Cache::from_env())
+        }
     }
 }
 
@@ -110,7 +112,13 @@ const HUB_FILES: &[&str] = &[
     "scheduler/scheduler_config.json",
 ];
 
-fn resolve_hub(model_id: &str, revision: Option<&str>) -> Result<ModelPaths> {
+/// Resolves a hub model id through the given cache (`hf_hub::Cache::from_env()` honours
+/// `HF_HOME`), downloading what is missing when the network allows.
+pub fn resolve_hub(
+    model_id: &str,
+    revision: Option<&str>,
+    cache: hf_hub::Cache,
+) -> Result<ModelPaths> {
     use hf_hub::{Repo, RepoType};
     let hub_err = |message: String| Error::Hub {
         model_id: model_id.to_string(),
@@ -120,7 +128,8 @@ fn resolve_hub(model_id: &str, revision: Option<&str>) -> Result<ModelPaths> {
         Some(r) => Repo::with_revision(model_id.to_string(), RepoType::Model, r.to_string()),
         None => Repo::new(model_id.to_string(), RepoType::Model),
     };
-    let cache = hf_hub::Cache::from_env().repo(repo.clone());
+    let cache_dir = cache.path().clone();
+    let cache = cache.repo(repo.clone());
     let mut api: Option<hf_hub::api::sync::ApiRepo> = None;
     let mut get = |file: &str| -> Result<PathBuf> {
         if let Some(p) = cache.get(file) {
@@ -128,6 +137,8 @@ fn resolve_hub(model_id: &str, revision: Option<&str>) -> Result<ModelPaths> {
         }
         if api.is_none() {
             let built = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_cache_dir(cache_dir.clone())
+                .with_progress(false)
                 .build()
                 .map_err(|e| {
                     hub_err(format!(

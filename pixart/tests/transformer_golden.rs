@@ -131,3 +131,20 @@ fn micro_conditions_are_required() -> Result<()> {
     assert!(e.contains("resolution"), "{e}");
     Ok(())
 }
+
+/// The half-precision paths (used on GPUs) — f32 softmax, the tensor-op LayerNorm fallback, candle's GELU —
+/// run on the CPU too: bf16 and f16 stay within their precision of the f64 reference.
+#[test]
+fn half_precision_paths_stay_close() -> Result<()> {
+    let inputs = load(fixtures().join("micro_b2_padded.inputs.safetensors"))?;
+    let expected = load(fixtures().join("micro_b2_padded.expected.safetensors"))?;
+    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 5e-3)] {
+        let m = PixArtTransformer::load(fixtures().join("micro"), dtype, &Device::Cpu)?;
+        let ours = conformance::forward_named(&m, &inputs)?;
+        assert_eq!(ours.dtype(), dtype);
+        let err = rel_err(&ours.to_dtype(DType::F32)?, &expected["sample"])?;
+        println!("{dtype:?}: relative max error {err:.3e}");
+        assert!(err <= tol, "{dtype:?}: {err}");
+    }
+    Ok(())
+}

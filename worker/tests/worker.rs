@@ -86,11 +86,16 @@ async fn renders_records_and_drains() -> Result<()> {
     .with_prefix("runs/t1");
     let job = q.submit(spec).await?.job;
 
-    // A control task whose image has a PNG header but no body: fails on every attempt.
+    // A control task whose image has a valid PNG header but truncated pixel data: fails on every attempt.
     let mut png = Vec::new();
     image::RgbImage::new(32, 32)
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    png.truncate(40);
+    // Keep the header (so submit accepts it) and cut the pixel data short.
+    let idat = png
+        .windows(4)
+        .position(|w| w == b"IDAT")
+        .expect("a PNG has IDAT");
+    png.truncate(idat + 4 + 6);
     let bad = JobSpec::new(vec![ItemSpec::new("edges", 64, 64).with_control(
         ControlSpec {
             source: ControlSource::Inline(png),
@@ -169,11 +174,22 @@ async fn renders_records_and_drains() -> Result<()> {
     );
     let dead = q.dead_letters(10).await?;
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].attempts, 2);
+    assert_eq!(dead[0].attempts, 3, "the worker default max_attempts");
 
-    let workers = q.list_workers().await?;
-    assert_eq!(workers.len(), 1);
-    assert!(workers[0].images_done >= 6);
+    // The registry entry is refreshed on the next heartbeat.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let workers = q.list_workers().await?;
+        assert_eq!(workers.len(), 1);
+        if workers[0].images_done >= 6 {
+            assert_eq!(workers[0].id, "w-test");
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("registry never showed the images: {workers:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     stop_tx.send(()).ok();
     tokio::time::timeout(Duration::from_secs(30), worker).await???;

@@ -528,4 +528,56 @@ mod tests {
             .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
+
+    /// The unfused path (taken when weights are not materialised) computes what the fused one does.
+    #[test]
+    fn separate_and_fused_projections_agree() {
+        use crate::weights::Weights;
+        use std::collections::HashMap;
+        let dev = Device::Cpu;
+        let d = 16;
+        // Broadcast weights (every row equal, stride 0) are not materialised: Attention keeps them unfused.
+        let mut lazy = HashMap::new();
+        let mut dense = HashMap::new();
+        for n in ["to_q", "to_k", "to_v", "to_out.0"] {
+            let w = Tensor::randn(0f32, 0.5, (1, d), &dev)
+                .unwrap()
+                .broadcast_as((d, d))
+                .unwrap();
+            let b = Tensor::randn(0f32, 0.1, d, &dev).unwrap();
+            dense.insert(format!("a.{n}.weight"), w.contiguous().unwrap());
+            lazy.insert(format!("a.{n}.weight"), w);
+            dense.insert(format!("a.{n}.bias"), b.clone());
+            lazy.insert(format!("a.{n}.bias"), b);
+        }
+        let lazy = Weights::from_tensors(lazy, DType::F32, &dev);
+        let dense = Weights::from_tensors(dense, DType::F32, &dev);
+        let x = Tensor::randn(0f32, 1.0, (2, 5, d), &dev).unwrap();
+        let y = Tensor::randn(0f32, 1.0, (2, 3, d), &dev).unwrap();
+        let text = TextKeys::Dense(y);
+        for kind in [AttentionKind::SelfAttention, AttentionKind::CrossAttention] {
+            let a = Attention::load(&lazy.pp("a"), kind, d, d, 2, 8, true).unwrap();
+            let b = Attention::load(&dense.pp("a"), kind, d, d, 2, 8, true).unwrap();
+            assert!(matches!(a.projections, Projections::Separate { .. }));
+            assert!(!matches!(b.projections, Projections::Separate { .. }));
+            let (oa, ob) = match kind {
+                AttentionKind::SelfAttention => {
+                    (a.self_attention(&x).unwrap(), b.self_attention(&x).unwrap())
+                }
+                AttentionKind::CrossAttention => (
+                    a.cross_attention(&x, &text).unwrap(),
+                    b.cross_attention(&x, &text).unwrap(),
+                ),
+            };
+            let diff = (oa - ob)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{kind:?}: {diff}");
+        }
+    }
 }

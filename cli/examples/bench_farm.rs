@@ -45,7 +45,10 @@ struct Args {
 }
 
 async fn commandstats(c: &mut redis::aio::MultiplexedConnection) -> Result<BTreeMap<String, u64>> {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(c).await?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await?;
     let mut out = BTreeMap::new();
     for line in info.lines() {
         // cmdstat_xadd:calls=10,usec=...
@@ -71,19 +74,35 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let tmp = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut redis_child = tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .context("cannot start redis-server")?;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let redis_url = format!("redis://127.0.0.1:{port}/");
     let storage_url = format!("file://{}", tmp.path().display());
-    let mut rc = redis::Client::open(redis_url.as_str())?.get_multiplexed_async_connection().await?;
+    let mut rc = redis::Client::open(redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -93,7 +112,11 @@ async fn main() -> Result<()> {
     cconf.default_size = (args.size, args.size);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    let coord = tokio::spawn(pixfarm_coordinator::serve(cconf, listener, stopped(stop_rx.clone())));
+    let coord = tokio::spawn(pixfarm_coordinator::serve(
+        cconf,
+        listener,
+        stopped(stop_rx.clone()),
+    ));
     let mut workers = Vec::new();
     for i in 0..2 {
         let wc = WorkerConfig {
@@ -105,13 +128,20 @@ async fn main() -> Result<()> {
             poll_ms: 1000,
             ..WorkerConfig::default()
         };
-        workers.push(tokio::spawn(pixfarm_worker::run(wc, stopped(stop_rx.clone()))));
+        workers.push(tokio::spawn(pixfarm_worker::run(
+            wc,
+            stopped(stop_rx.clone()),
+        )));
     }
     let mut c = client::connect(&addr).await?;
     // Wait for both workers to load the model and register.
     let t0 = Instant::now();
     loop {
-        let w = c.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers;
+        let w = c
+            .list_workers(pb::ListWorkersRequest {})
+            .await?
+            .into_inner()
+            .workers;
         if w.len() == 2 && w.iter().all(|w| w.state == "idle") {
             break;
         }
@@ -134,7 +164,10 @@ async fn main() -> Result<()> {
     let mut pickup = Vec::new();
     for i in 0..args.probes {
         let r = c
-            .submit_job(pb::SubmitJobRequest { job: Some(pb::JobSpec::default()), items: vec![item(i)] })
+            .submit_job(pb::SubmitJobRequest {
+                job: Some(pb::JobSpec::default()),
+                items: vec![item(i)],
+            })
             .await?
             .into_inner();
         loop {
@@ -145,14 +178,20 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let res = client::all_results(&mut c, &r.job_id).await?;
-        pickup.extend(res.iter().filter_map(|r| r.timings.as_ref().map(|t| t.queue_ms)));
+        pickup.extend(
+            res.iter()
+                .filter_map(|r| r.timings.as_ref().map(|t| t.queue_ms)),
+        );
         // Let both workers return to their blocking read.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     pickup.sort_by(|a, b| a.total_cmp(b));
 
     // 2. Throughput: N tasks in one streamed job.
-    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut rc).await?;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut rc)
+        .await?;
     let before = commandstats(&mut rc).await?;
     let items: Vec<pb::Item> = (0..args.tasks).map(item).collect();
     let parsed = pixfarm::input::Parsed {
@@ -174,11 +213,28 @@ async fn main() -> Result<()> {
     let after = commandstats(&mut rc).await?;
     let results = client::all_results(&mut c, &r.job_id).await?;
     if job.done as usize != args.tasks {
-        bail!("job finished {} with {} of {} done", client::state_name(job.state), job.done, args.tasks);
+        bail!(
+            "job finished {} with {} of {} done",
+            client::state_name(job.state),
+            job.done,
+            args.tasks
+        );
     }
-    let render_ms: f64 = results.iter().filter_map(|r| r.timings.as_ref()).map(|t| t.render_ms).sum();
-    let encode_ms: f64 = results.iter().filter_map(|r| r.timings.as_ref()).map(|t| t.encode_ms).sum();
-    let upload_ms: f64 = results.iter().filter_map(|r| r.timings.as_ref()).map(|t| t.upload_ms).sum();
+    let render_ms: f64 = results
+        .iter()
+        .filter_map(|r| r.timings.as_ref())
+        .map(|t| t.render_ms)
+        .sum();
+    let encode_ms: f64 = results
+        .iter()
+        .filter_map(|r| r.timings.as_ref())
+        .map(|t| t.encode_ms)
+        .sum();
+    let upload_ms: f64 = results
+        .iter()
+        .filter_map(|r| r.timings.as_ref())
+        .map(|t| t.upload_ms)
+        .sum();
     let n = args.tasks as f64;
     // Two workers run in parallel: worker-time per task minus model time.
     let worker_ms_per_task = total_s * 1000.0 * 2.0 / n;
@@ -204,13 +260,27 @@ async fn main() -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), coord).await;
 
     let rb = tokio::process::Command::new("redis-benchmark")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "-n", "100000", "-t", "ping,set,get,xadd"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "-n",
+            "100000",
+            "-t",
+            "ping,set,get,xadd",
+        ])
         .output()
         .await
         .context("cannot run redis-benchmark")?;
     let rb_text = String::from_utf8_lossy(&rb.stdout)
         .split('\r')
-        .filter_map(|s| s.lines().find(|l| l.contains("requests per second")).map(str::to_string))
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.contains("requests per second"))
+                .map(str::to_string)
+        })
         .collect::<Vec<_>>()
         .join("\n");
     let _ = redis_child.kill().await;
@@ -218,9 +288,14 @@ async fn main() -> Result<()> {
     let top: Vec<String> = {
         let mut v: Vec<_> = calls.iter().collect();
         v.sort_by(|a, b| b.1.cmp(a.1));
-        v.iter().take(8).map(|(k, c)| format!("{k} {:.2}", **c as f64 / n)).collect()
+        v.iter()
+            .take(8)
+            .map(|(k, c)| format!("{k} {:.2}", **c as f64 / n))
+            .collect()
     };
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let md = format!(
         "## Farm overhead (`cli/examples/bench_farm.rs`)\n\n\
          {tasks} tasks of {size}×{size}, {steps} step(s), tiny checkpoint, one coordinator + two in-process workers \
@@ -260,7 +335,9 @@ async fn main() -> Result<()> {
         let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
         let section = format!("{START}\n{md}{END}");
         let new = match (old.find(START), old.find(END)) {
-            (Some(a), Some(b)) if b > a => format!("{}{section}{}", &old[..a], &old[b + END.len()..]),
+            (Some(a), Some(b)) if b > a => {
+                format!("{}{section}{}", &old[..a], &old[b + END.len()..])
+            }
             _ => format!("{}\n{section}\n", old.trim_end()),
         };
         std::fs::write(&path, new)?;

@@ -90,7 +90,10 @@ pub fn status_error(status: Status, what: &str, input: Option<&Parsed>) -> anyho
             msg.push_str(&format!("\n  {place}{}: {}", v.field, v.description));
         }
         if br.field_violations.len() > 20 {
-            msg.push_str(&format!("\n  … and {} more", br.field_violations.len() - 20));
+            msg.push_str(&format!(
+                "\n  … and {} more",
+                br.field_violations.len() - 20
+            ));
         }
     }
     anyhow!(msg)
@@ -118,7 +121,9 @@ pub async fn submit(
             .await
     } else {
         let chunks = chunk_items(spec, parsed.items.clone());
-        client.submit_job_stream(futures::stream::iter(chunks)).await
+        client
+            .submit_job_stream(futures::stream::iter(chunks))
+            .await
     };
     resp.map(|r| r.into_inner())
         .map_err(|s| status_error(s, &what, Some(parsed)))
@@ -252,7 +257,10 @@ pub async fn wait(client: &mut Client, job_id: &str, quiet: bool) -> anyhow::Res
 pub fn is_terminal(state: i32) -> bool {
     matches!(
         pb::JobState::try_from(state),
-        Ok(pb::JobState::Succeeded | pb::JobState::Partial | pb::JobState::Failed | pb::JobState::Canceled)
+        Ok(pb::JobState::Succeeded
+            | pb::JobState::Partial
+            | pb::JobState::Failed
+            | pb::JobState::Canceled)
     )
 }
 
@@ -278,7 +286,9 @@ pub async fn all_results(client: &mut Client, job_id: &str) -> anyhow::Result<Ve
                 page_token: token,
             })
             .await
-            .map_err(|s| status_error(s, &format!("cannot list the results of job {job_id}"), None))?
+            .map_err(|s| {
+                status_error(s, &format!("cannot list the results of job {job_id}"), None)
+            })?
             .into_inner();
         out.extend(page.results);
         if page.next_page_token.is_empty() {
@@ -294,7 +304,10 @@ mod tests {
 
     #[test]
     fn addresses_and_fields() {
-        assert_eq!(normalize_address("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(
+            normalize_address("127.0.0.1:50051"),
+            "http://127.0.0.1:50051"
+        );
         assert_eq!(normalize_address("https://farm:443"), "https://farm:443");
         assert_eq!(item_index("items[37].width"), Some(37));
         assert_eq!(item_index("output_prefix"), None);

@@ -13,10 +13,19 @@ use crate::client::{self, Client, state_name, status_error};
 use crate::{dev, fetch, generate, input};
 
 #[derive(Debug, Parser)]
-#[command(name = "pixfarm", version, about = "Render farm for PixArt-LCM text-to-image: submit, watch and fetch jobs, run the farm")]
+#[command(
+    name = "pixfarm",
+    version,
+    about = "Render farm for PixArt-LCM text-to-image: submit, watch and fetch jobs, run the farm"
+)]
 pub struct Cli {
     /// Coordinator address (`host:port` or `http://host:port`).
-    #[arg(long, global = true, env = "PIXFARM_COORDINATOR", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "PIXFARM_COORDINATOR",
+        default_value = "127.0.0.1:50051"
+    )]
     pub coordinator: String,
     #[command(subcommand)]
     pub command: Command,
@@ -162,7 +171,8 @@ fn parse_state(s: &str) -> anyhow::Result<pb::JobState> {
 fn init_tracing(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .try_init();
@@ -217,7 +227,9 @@ async fn run_client(c: &mut Client, command: Command) -> anyhow::Result<()> {
         Command::Watch { job, after } => watch(c, &job, after).await,
         Command::Cancel { job } => {
             let r = c
-                .cancel_job(pb::CancelJobRequest { job_id: job.clone() })
+                .cancel_job(pb::CancelJobRequest {
+                    job_id: job.clone(),
+                })
                 .await
                 .map_err(|s| status_error(s, &format!("cannot cancel job {job}"), None))?
                 .into_inner();
@@ -233,8 +245,16 @@ async fn run_client(c: &mut Client, command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::List { state, labels, limit } => {
-            let state = state.as_deref().map(parse_state).transpose()?.unwrap_or(pb::JobState::Unspecified);
+        Command::List {
+            state,
+            labels,
+            limit,
+        } => {
+            let state = state
+                .as_deref()
+                .map(parse_state)
+                .transpose()?
+                .unwrap_or(pb::JobState::Unspecified);
             let resp = c
                 .list_jobs(pb::ListJobsRequest {
                     page_size: limit,
@@ -245,7 +265,10 @@ async fn run_client(c: &mut Client, command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| status_error(s, "cannot list jobs", None))?
                 .into_inner();
-            println!("{:<36}  {:<9}  {:>8}  {:>8}  {:>6}  labels", "job", "state", "done", "images", "failed");
+            println!(
+                "{:<36}  {:<9}  {:>8}  {:>8}  {:>6}  labels",
+                "job", "state", "done", "images", "failed"
+            );
             for j in resp.jobs {
                 let labels: Vec<String> = j
                     .spec
@@ -270,14 +293,24 @@ async fn run_client(c: &mut Client, command: Command) -> anyhow::Result<()> {
                 if json {
                     println!("{}", result_json(&r));
                 } else if r.succeeded {
-                    println!("{:>6}  seed {:<20}  {}  {}  {}", r.index, r.seed, r.sha256, r.key, r.prompt);
+                    println!(
+                        "{:>6}  seed {:<20}  {}  {}  {}",
+                        r.index, r.seed, r.sha256, r.key, r.prompt
+                    );
                 } else {
-                    println!("{:>6}  FAILED after {} attempts: {}  ({})", r.index, r.attempts, r.error, r.prompt);
+                    println!(
+                        "{:>6}  FAILED after {} attempts: {}  ({})",
+                        r.index, r.attempts, r.error, r.prompt
+                    );
                 }
             }
             Ok(())
         }
-        Command::Fetch { job, output, parallel } => {
+        Command::Fetch {
+            job,
+            output,
+            parallel,
+        } => {
             let results = client::all_results(c, &job).await?;
             let s = fetch::fetch_all(results, &output, parallel, true).await?;
             println!(
@@ -341,7 +374,10 @@ async fn submit(c: &mut Client, a: SubmitArgs) -> anyhow::Result<()> {
     if resp.created {
         println!("job {} submitted: {} images", resp.job_id, resp.task_count);
     } else {
-        println!("job {} already submitted with this idempotency key: {} images", resp.job_id, resp.task_count);
+        println!(
+            "job {} already submitted with this idempotency key: {} images",
+            resp.job_id, resp.task_count
+        );
     }
     if a.wait {
         let j = client::wait(c, &resp.job_id, false).await?;
@@ -369,14 +405,24 @@ async fn watch(c: &mut Client, job: &str, after: String) -> anyhow::Result<()> {
             Some(Kind::Queued(q)) => format!("queued: {} images", q.task_count),
             Some(Kind::Started(s)) => format!("started on {}", s.worker),
             Some(Kind::Progress(p)) => {
-                format!("step {}/{} of {} images on {}", p.step, p.total, p.indices.len(), p.worker)
+                format!(
+                    "step {}/{} of {} images on {}",
+                    p.step,
+                    p.total,
+                    p.indices.len(),
+                    p.worker
+                )
             }
             Some(Kind::ItemDone(d)) => format!("image {} done: {} ({})", d.index, d.key, d.worker),
             Some(Kind::ItemFailed(f)) => format!(
                 "image {} failed (attempt {}{}): {}",
                 f.index,
                 f.attempt,
-                if f.will_retry { ", will retry" } else { ", final" },
+                if f.will_retry {
+                    ", will retry"
+                } else {
+                    ", final"
+                },
                 f.error
             ),
             Some(Kind::Finished(f)) => format!(
@@ -417,7 +463,10 @@ fn print_job(j: &pb::Job) {
         println!("last error {}", j.last_error);
     }
     for f in &j.failures {
-        println!("failed    image {} after {} attempts: {}", f.index, f.attempts, f.error);
+        println!(
+            "failed    image {} after {} attempts: {}",
+            f.index, f.attempts, f.error
+        );
     }
 }
 
@@ -433,7 +482,7 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
 }
 
 fn result_json(r: &pb::Result) -> serde_json::Value {
-    let t = r.timings.clone().unwrap_or_default();
+    let t = r.timings.unwrap_or_default();
     serde_json::json!({
         "index": r.index, "prompt": r.prompt, "seed": r.seed, "width": r.width, "height": r.height,
         "steps": r.steps, "key": r.key, "sha256": r.sha256, "url": r.url, "worker": r.worker,
@@ -455,11 +504,27 @@ mod tests {
     #[test]
     fn submit_flags_parse() {
         let cli = Cli::try_parse_from([
-            "pixfarm", "submit", "p.jsonl", "--size", "64x32", "--steps", "2", "--seeds", "1-3,9",
-            "--priority", "high", "--label", "a=b", "--label", "c=d", "--wait",
+            "pixfarm",
+            "submit",
+            "p.jsonl",
+            "--size",
+            "64x32",
+            "--steps",
+            "2",
+            "--seeds",
+            "1-3,9",
+            "--priority",
+            "high",
+            "--label",
+            "a=b",
+            "--label",
+            "c=d",
+            "--wait",
         ])
         .unwrap();
-        let Command::Submit(a) = cli.command else { panic!("not submit") };
+        let Command::Submit(a) = cli.command else {
+            panic!("not submit")
+        };
         assert_eq!(a.size, Some((64, 32)));
         assert_eq!(a.seeds.unwrap().0, [1, 2, 3, 9]);
         assert_eq!(a.labels.len(), 2);

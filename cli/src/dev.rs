@@ -20,7 +20,11 @@ use crate::{client, input};
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
     /// Model directory in the diffusers layout (the bundled tiny checkpoint by default).
-    #[arg(long, env = "PIXFARM_MODEL_DIR", default_value = "models/tiny-pixart-lcm")]
+    #[arg(
+        long,
+        env = "PIXFARM_MODEL_DIR",
+        default_value = "models/tiny-pixart-lcm"
+    )]
     pub model: PathBuf,
     /// Prompts to render (JSONL or plain text).
     #[arg(long, default_value = "examples/prompts.jsonl")]
@@ -57,7 +61,9 @@ struct RedisChild {
 
 impl RedisChild {
     async fn start(dir: &Path) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let data = dir.join("redis");
         std::fs::create_dir_all(&data)?;
         let child = Command::new("redis-server")
@@ -71,7 +77,10 @@ impl RedisChild {
                 "cannot start redis-server; install it (Debian/Ubuntu: `sudo apt-get install redis-server`) or set REDIS_URL",
             )?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
             if tokio::time::Instant::now() > deadline {
                 bail!("redis-server did not start listening on port {port} within 10 s");
             }
@@ -96,7 +105,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             args.model.display()
         );
     }
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir)?;
     let store = dir.join("store");
     std::fs::create_dir_all(&store)?;
@@ -109,7 +119,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
         None => {
             let r = RedisChild::start(&dir).await?;
-            println!("started redis-server at {} (data in {})", r.url, dir.join("redis").display());
+            println!(
+                "started redis-server at {} (data in {})",
+                r.url,
+                dir.join("redis").display()
+            );
             Some(r)
         }
     };
@@ -125,7 +139,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn run_farm(args: &DevArgs, redis_url: &str, storage_url: &str, store: &Path) -> anyhow::Result<()> {
+async fn run_farm(
+    args: &DevArgs,
+    redis_url: &str,
+    storage_url: &str,
+    store: &Path,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -137,7 +156,11 @@ async fn run_farm(args: &DevArgs, redis_url: &str, storage_url: &str, store: &Pa
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let coordinator = tokio::spawn(pixfarm_coordinator::serve(cconf, listener, stopped(stop_rx.clone())));
+    let coordinator = tokio::spawn(pixfarm_coordinator::serve(
+        cconf,
+        listener,
+        stopped(stop_rx.clone()),
+    ));
 
     let wconf = WorkerConfig {
         redis_url: redis_url.to_string(),
@@ -149,7 +172,11 @@ async fn run_farm(args: &DevArgs, redis_url: &str, storage_url: &str, store: &Pa
         ..WorkerConfig::default()
     };
     let mut worker = tokio::spawn(pixfarm_worker::run(wconf, stopped(stop_rx.clone())));
-    println!("coordinator on {addr}, one worker ({}), results under {}", args.device, store.display());
+    println!(
+        "coordinator on {addr}, one worker ({}), results under {}",
+        args.device,
+        store.display()
+    );
 
     // A worker that dies (say, the model does not load) ends the wait with its error.
     let mut worker_done = false;
@@ -173,7 +200,9 @@ async fn run_farm(args: &DevArgs, redis_url: &str, storage_url: &str, store: &Pa
     let _ = stop_tx.send(true);
     if !worker_done {
         match tokio::time::timeout(Duration::from_secs(60), worker).await {
-            Ok(Ok(Err(e))) if outcome.is_ok() => return Err(anyhow::anyhow!(e).context("the worker failed")),
+            Ok(Ok(Err(e))) if outcome.is_ok() => {
+                return Err(anyhow::anyhow!(e).context("the worker failed"));
+            }
             Ok(_) => {}
             Err(_) => eprintln!("the worker did not stop within 60 s"),
         }
@@ -231,7 +260,11 @@ async fn submit_and_wait(args: &DevArgs, addr: &str, store: &Path) -> anyhow::Re
         println!("manifest: {}", store.join(&job.manifest_key).display());
     }
     if job.failed > 0 {
-        bail!("{} images failed; last error: {}", job.failed, job.last_error);
+        bail!(
+            "{} images failed; last error: {}",
+            job.failed,
+            job.last_error
+        );
     }
     Ok(())
 }

@@ -94,8 +94,10 @@ pub async fn fetch_all(
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("[{elapsed_precise}] {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:40} {pos}/{len} images  {per_sec}  ETA {eta}",
+        )
+        .expect("valid template"),
     );
     let mut tasks = futures::stream::iter(rendered.into_iter().map(|r| {
         let dir = dir.to_path_buf();
@@ -116,7 +118,9 @@ pub async fn fetch_all(
     bar.finish_and_clear();
     write_results_jsonl(dir, &results)?;
     if let Some(e) = first_error {
-        return Err(e.context("some images could not be fetched; run the same command again to resume"));
+        return Err(
+            e.context("some images could not be fetched; run the same command again to resume")
+        );
     }
     Ok(summary)
 }
@@ -124,7 +128,7 @@ pub async fn fetch_all(
 fn write_results_jsonl(dir: &Path, results: &[pb::Result]) -> anyhow::Result<()> {
     let mut out = String::new();
     for r in results {
-        let t = r.timings.clone().unwrap_or_default();
+        let t = r.timings.unwrap_or_default();
         let line = serde_json::json!({
             "index": r.index,
             "file": if r.succeeded { format!("{:06}.png", r.index) } else { String::new() },
@@ -170,13 +174,36 @@ mod tests {
                 ..Default::default()
             });
         }
-        results.push(pb::Result { index: 3, succeeded: false, error: "boom".into(), ..Default::default() });
-        let s = fetch_all(results.clone(), out.path(), 2, false).await.unwrap();
-        assert_eq!(s, FetchSummary { downloaded: 3, skipped: 0, not_rendered: 1 });
+        results.push(pb::Result {
+            index: 3,
+            succeeded: false,
+            error: "boom".into(),
+            ..Default::default()
+        });
+        let s = fetch_all(results.clone(), out.path(), 2, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            s,
+            FetchSummary {
+                downloaded: 3,
+                skipped: 0,
+                not_rendered: 1
+            }
+        );
         // Corrupt one local copy: only that one is fetched again.
         std::fs::write(image_path(out.path(), 1), b"truncated").unwrap();
-        let s = fetch_all(results.clone(), out.path(), 2, false).await.unwrap();
-        assert_eq!(s, FetchSummary { downloaded: 1, skipped: 2, not_rendered: 1 });
+        let s = fetch_all(results.clone(), out.path(), 2, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            s,
+            FetchSummary {
+                downloaded: 1,
+                skipped: 2,
+                not_rendered: 1
+            }
+        );
         let lines = std::fs::read_to_string(out.path().join("results.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 4);
         // A source that does not match its recorded checksum is refused and not kept.

@@ -13,7 +13,11 @@ use pixfarm_worker::WorkerConfig;
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
     /// Model directory in the diffusers layout.
-    #[arg(long, env = "PIXFARM_MODEL_DIR", default_value = "models/tiny-pixart-lcm")]
+    #[arg(
+        long,
+        env = "PIXFARM_MODEL_DIR",
+        default_value = "models/tiny-pixart-lcm"
+    )]
     pub model: PathBuf,
     #[arg(long)]
     pub prompt: String,
@@ -56,7 +60,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         } else {
             candle_core::DType::BF16
         });
-    let loading = ProgressBar::new_spinner().with_message(format!("loading {}", args.model.display()));
+    let loading =
+        ProgressBar::new_spinner().with_message(format!("loading {}", args.model.display()));
     loading.enable_steady_tick(std::time::Duration::from_millis(100));
     let mut pipeline = Pipeline::load(
         &ModelSource::Dir(args.model.clone()),

@@ -119,7 +119,9 @@ pub struct Parsed {
 impl Parsed {
     /// "prompts.jsonl line 37" for item `index`, when known.
     pub fn locate(&self, index: usize) -> Option<String> {
-        self.lines.get(index).map(|l| format!("{} line {l}", self.file))
+        self.lines
+            .get(index)
+            .map(|l| format!("{} line {l}", self.file))
     }
 }
 
@@ -167,7 +169,8 @@ pub fn parse_items(
                 ..Default::default()
             }),
             Format::Jsonl => {
-                let parsed: LineItem = serde_json::from_str(raw).map_err(|e| err(json_message(&e)))?;
+                let parsed: LineItem =
+                    serde_json::from_str(raw).map_err(|e| err(json_message(&e)))?;
                 items.push(to_item(parsed, base_dir).map_err(err)?);
             }
         }
@@ -279,7 +282,9 @@ pub fn parse_seeds(s: &str) -> Result<Vec<u64>, String> {
                 return Err(format!("seed range \"{part}\" ends before it starts"));
             }
             if b - a >= 1_000_000 {
-                return Err(format!("seed range \"{part}\" has more than a million seeds"));
+                return Err(format!(
+                    "seed range \"{part}\" has more than a million seeds"
+                ));
             }
             seeds.extend(a..=b);
         } else {
@@ -384,29 +389,49 @@ mod tests {
     #[test]
     fn unknown_field_and_wrong_type_are_named() {
         let e = jsonl("{\"promt\":\"x\"}").unwrap_err();
-        assert!(e.to_string().starts_with("prompts.jsonl line 1: unknown field `promt`"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("prompts.jsonl line 1: unknown field `promt`"),
+            "{e}"
+        );
         let e = jsonl("{\"prompt\":\"x\"}\n{\"prompt\":\"y\",\"width\":\"big\"}").unwrap_err();
-        assert!(e.to_string().starts_with("prompts.jsonl line 2: invalid type"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("prompts.jsonl line 2: invalid type"),
+            "{e}"
+        );
         let e = jsonl("{\"prompt\":\"x\",\"size\":\"12by3\"}").unwrap_err();
         assert!(e.to_string().contains("line 1: size \"12by3\""), "{e}");
     }
 
     #[test]
     fn text_format_and_empty_file() {
-        let parsed = parse_items("p.txt", "# header\na red fox\n\n  a blue bird  \n", Format::Text, Path::new(".")).unwrap();
+        let parsed = parse_items(
+            "p.txt",
+            "# header\na red fox\n\n  a blue bird  \n",
+            Format::Text,
+            Path::new("."),
+        )
+        .unwrap();
         let prompts: Vec<_> = parsed.items.iter().map(|i| i.prompt.as_str()).collect();
         assert_eq!(prompts, ["a red fox", "a blue bird"]);
         assert_eq!(parsed.lines, [2, 4]);
         assert_eq!(parsed.locate(1).as_deref(), Some("p.txt line 4"));
         let e = parse_items("p.txt", "\n# only\n", Format::Text, Path::new(".")).unwrap_err();
-        assert_eq!(e.to_string(), "p.txt has no items (every line is blank or a comment)");
+        assert_eq!(
+            e.to_string(),
+            "p.txt has no items (every line is blank or a comment)"
+        );
     }
 
     #[test]
     fn detects_format() {
         assert_eq!(detect_format(Path::new("a.jsonl"), "hello"), Format::Jsonl);
         assert_eq!(detect_format(Path::new("a.txt"), "{"), Format::Text);
-        assert_eq!(detect_format(Path::new("a"), "\n# c\n{\"prompt\":\"x\"}"), Format::Jsonl);
+        assert_eq!(
+            detect_format(Path::new("a"), "\n# c\n{\"prompt\":\"x\"}"),
+            Format::Jsonl
+        );
         assert_eq!(detect_format(Path::new("a"), "a cat"), Format::Text);
     }
 
@@ -423,16 +448,35 @@ mod tests {
     #[test]
     fn overrides_fill_only_missing_fields() {
         let items = vec![
-            Item { prompt: "a".into(), width: Some(128), seed: Some(3), ..Default::default() },
-            Item { prompt: "b".into(), ..Default::default() },
+            Item {
+                prompt: "a".into(),
+                width: Some(128),
+                seed: Some(3),
+                ..Default::default()
+            },
+            Item {
+                prompt: "b".into(),
+                ..Default::default()
+            },
         ];
-        let o = Overrides { size: Some((64, 64)), steps: Some(2), seeds: Some(vec![10, 11]) };
-        let parsed = Parsed { file: "f".into(), items, lines: vec![1, 2] };
+        let o = Overrides {
+            size: Some((64, 64)),
+            steps: Some(2),
+            seeds: Some(vec![10, 11]),
+        };
+        let parsed = Parsed {
+            file: "f".into(),
+            items,
+            lines: vec![1, 2],
+        };
         let parsed = apply_overrides(parsed, &o);
         assert_eq!(parsed.lines, [1, 2, 2]);
         let out = parsed.items;
         assert_eq!(out.len(), 3);
-        assert_eq!((out[0].width, out[0].height, out[0].seed), (Some(128), Some(64), Some(3)));
+        assert_eq!(
+            (out[0].width, out[0].height, out[0].seed),
+            (Some(128), Some(64), Some(3))
+        );
         assert_eq!((out[1].seed, out[2].seed), (Some(10), Some(11)));
         assert!(out.iter().all(|i| i.steps == Some(2)));
     }

@@ -17,7 +17,11 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
 
     /// Redis holding the queue, e.g. `redis://127.0.0.1:6379/`.
-    #[arg(long, env = "PIXFARM_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    #[arg(
+        long,
+        env = "PIXFARM_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
     pub redis_url: String,
 
     /// Where results are stored: `s3://bucket/prefix` or `file:///abs/dir`. The
@@ -91,7 +95,11 @@ pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
         .split_once('x')
         .map(|(w, h)| (w.trim().to_string(), h.trim().to_string()))
         .ok_or_else(|| format!("size `{s}` is not WIDTHxHEIGHT, e.g. 512x512"))?;
-    let w = w.parse().map_err(|_| format!("size `{s}`: width `{w}` is not a whole number"))?;
-    let h = h.parse().map_err(|_| format!("size `{s}`: height `{h}` is not a whole number"))?;
+    let w = w
+        .parse()
+        .map_err(|_| format!("size `{s}`: width `{w}` is not a whole number"))?;
+    let h = h
+        .parse()
+        .map_err(|_| format!("size `{s}`: height `{h}` is not a whole number"))?;
     Ok((w, h))
 }

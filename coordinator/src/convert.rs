@@ -262,13 +262,31 @@ mod tests {
 
     #[test]
     fn item_defaults_and_explicit_zero_steps_survive() {
-        let d = Defaults { width: 64, height: 32 };
+        let d = Defaults {
+            width: 64,
+            height: 32,
+        };
         let mut errs = Vec::new();
-        let it = item_from_proto(3, pb::Item { prompt: "a".into(), ..Default::default() }, d, &mut errs);
-        assert_eq!((it.width, it.height, it.steps, it.images_per_prompt), (64, 32, 4, 1));
         let it = item_from_proto(
             3,
-            pb::Item { prompt: "a".into(), steps: Some(0), ..Default::default() },
+            pb::Item {
+                prompt: "a".into(),
+                ..Default::default()
+            },
+            d,
+            &mut errs,
+        );
+        assert_eq!(
+            (it.width, it.height, it.steps, it.images_per_prompt),
+            (64, 32, 4, 1)
+        );
+        let it = item_from_proto(
+            3,
+            pb::Item {
+                prompt: "a".into(),
+                steps: Some(0),
+                ..Default::default()
+            },
             d,
             &mut errs,
         );
@@ -279,11 +297,18 @@ mod tests {
 
     #[test]
     fn control_problems_name_the_item() {
-        let d = Defaults { width: 64, height: 64 };
+        let d = Defaults {
+            width: 64,
+            height: 64,
+        };
         let mut errs = Vec::new();
         let item = pb::Item {
             prompt: "a".into(),
-            control: Some(pb::Control { source: None, kind: "sketchy".into(), scale: None }),
+            control: Some(pb::Control {
+                source: None,
+                kind: "sketchy".into(),
+                scale: None,
+            }),
             ..Default::default()
         };
         let it = item_from_proto(5, item, d, &mut errs);

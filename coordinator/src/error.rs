@@ -74,9 +74,18 @@ mod tests {
         ]);
         let s = Status::from(e);
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert!(s.message().contains("items[37].width: must be a multiple of 16"), "{}", s.message());
+        assert!(
+            s.message()
+                .contains("items[37].width: must be a multiple of 16"),
+            "{}",
+            s.message()
+        );
         let br = s.get_details_bad_request().expect("bad request details");
-        let fields: Vec<_> = br.field_violations.iter().map(|v| v.field.as_str()).collect();
+        let fields: Vec<_> = br
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
         assert_eq!(fields, ["items[37].width", "items"]);
     }
 

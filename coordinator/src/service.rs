@@ -7,9 +7,7 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use pixfarm_core::{
-    JobFilter, JobId, PageRequest, Queue, ResultStatus, Storage, ValidationError,
-};
+use pixfarm_core::{JobFilter, JobId, PageRequest, Queue, ResultStatus, Storage, ValidationError};
 use pixfarm_proto::v1 as pb;
 use pixfarm_proto::v1::farm_server::Farm;
 use tokio::sync::watch;
@@ -93,7 +91,10 @@ impl FarmService {
     }
 
     #[instrument(skip_all, fields(items = req.items.len()))]
-    async fn submit_unary(&self, req: pb::SubmitJobRequest) -> Result<pb::SubmitJobResponse, ApiError> {
+    async fn submit_unary(
+        &self,
+        req: pb::SubmitJobRequest,
+    ) -> Result<pb::SubmitJobResponse, ApiError> {
         let mut errs = Vec::new();
         let items = req
             .items
@@ -112,14 +113,21 @@ impl FarmService {
         use pb::submit_job_chunk::Chunk;
         let max_items = self.queue.config().limits.max_items;
         let header = match stream.message().await.map_err(stream_error)? {
-            Some(pb::SubmitJobChunk { chunk: Some(Chunk::Header(h)) }) => h,
+            Some(pb::SubmitJobChunk {
+                chunk: Some(Chunk::Header(h)),
+            }) => h,
             Some(_) => {
                 return Err(ApiError::field(
                     "header",
                     "the first message of SubmitJobStream must be the job header",
                 ));
             }
-            None => return Err(ApiError::field("header", "the stream ended before the job header")),
+            None => {
+                return Err(ApiError::field(
+                    "header",
+                    "the stream ended before the job header",
+                ));
+            }
         };
         let mut items = Vec::new();
         let mut errs = Vec::new();
@@ -139,7 +147,10 @@ impl FarmService {
                     }
                 }
                 Some(Chunk::Header(_)) => {
-                    return Err(ApiError::field("header", "the job header may only be sent once, first"));
+                    return Err(ApiError::field(
+                        "header",
+                        "the job header may only be sent once, first",
+                    ));
                 }
                 None => {}
             }
@@ -202,7 +213,10 @@ impl FarmService {
     }
 
     #[instrument(skip_all, fields(job = %req.job_id))]
-    async fn results(&self, req: pb::ListResultsRequest) -> Result<pb::ListResultsResponse, ApiError> {
+    async fn results(
+        &self,
+        req: pb::ListResultsRequest,
+    ) -> Result<pb::ListResultsResponse, ApiError> {
         let id = Self::parse_job_id(&req.job_id)?;
         let page = PageRequest {
             size: page_size(req.page_size, 100, 10_000),
@@ -212,7 +226,9 @@ impl FarmService {
         let mut results = Vec::with_capacity(page.items.len());
         for r in page.items {
             let url = match &r.key {
-                Some(k) if r.status == ResultStatus::Succeeded => self.storage.presign_get(k).await?,
+                Some(k) if r.status == ResultStatus::Succeeded => {
+                    self.storage.presign_get(k).await?
+                }
                 _ => String::new(),
             };
             results.push(convert::result_to_proto(r, url));
@@ -241,7 +257,10 @@ fn page_size(requested: u32, default: usize, max: usize) -> usize {
 
 /// A broken client stream is the client's problem; pass its status through.
 fn stream_error(s: Status) -> ApiError {
-    ApiError::field("stream", format!("the request stream failed: {}", s.message()))
+    ApiError::field(
+        "stream",
+        format!("the request stream failed: {}", s.message()),
+    )
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send + 'static>>;
@@ -252,17 +271,24 @@ impl Farm for FarmService {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        Ok(Response::new(self.submit_unary(request.into_inner()).await?))
+        Ok(Response::new(
+            self.submit_unary(request.into_inner()).await?,
+        ))
     }
 
     async fn submit_job_stream(
         &self,
         request: Request<Streaming<pb::SubmitJobChunk>>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        Ok(Response::new(self.submit_stream(request.into_inner()).await?))
+        Ok(Response::new(
+            self.submit_stream(request.into_inner()).await?,
+        ))
     }
 
-    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         Ok(Response::new(self.get(&request.into_inner().job_id).await?))
     }
 
@@ -304,7 +330,9 @@ impl Farm for FarmService {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        Ok(Response::new(self.cancel(&request.into_inner().job_id).await?))
+        Ok(Response::new(
+            self.cancel(&request.into_inner().job_id).await?,
+        ))
     }
 
     async fn list_results(

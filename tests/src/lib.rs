@@ -147,7 +147,10 @@ pub struct Farm {
 impl Farm {
     pub async fn start(options: FarmOptions) -> Result<Self> {
         if !model_dir().join("model_index.json").exists() {
-            bail!("the tiny checkpoint is missing at {}", model_dir().display());
+            bail!(
+                "the tiny checkpoint is missing at {}",
+                model_dir().display()
+            );
         }
         if !worker_bin().is_file() {
             bail!(
@@ -219,7 +222,10 @@ impl Farm {
             .env("PIXFARM_LEASE_PER_STEP_MPIX_MS", "0")
             .env("PIXFARM_MAX_ATTEMPTS", o.max_attempts.to_string())
             .env("PIXFARM_POLL_MS", "200")
-            .env("PIXFARM_LANES", "high:base,normal:base,low:base,high:control,normal:control,low:control")
+            .env(
+                "PIXFARM_LANES",
+                "high:base,normal:base,low:base,high:control,normal:control,low:control",
+            )
             .env("PIXFARM_LOG", "info")
             .envs(self.s3.env())
             .envs(o.worker_env.iter().cloned())
@@ -243,7 +249,12 @@ impl Farm {
             let text = std::fs::read_to_string(&w.log).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(30)..];
-            s.push_str(&format!("--- worker {} ({})\n{}\n", w.id, w.log.display(), tail.join("\n")));
+            s.push_str(&format!(
+                "--- worker {} ({})\n{}\n",
+                w.id,
+                w.log.display(),
+                tail.join("\n")
+            ));
         }
         s
     }
@@ -325,7 +336,10 @@ impl Farm {
                 return Ok(j);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("condition on job {job} not reached in {timeout:?}\n{}", self.worker_logs());
+                bail!(
+                    "condition on job {job} not reached in {timeout:?}\n{}",
+                    self.worker_logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -348,7 +362,11 @@ impl Farm {
                 .send()
                 .await
                 .context("list objects")?;
-            keys.extend(r.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            keys.extend(
+                r.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
             match r.next_continuation_token() {
                 Some(t) => token = Some(t.to_string()),
                 None => break,
@@ -387,7 +405,10 @@ impl Farm {
             .await?;
         let mut n = 0;
         for lane in Lane::all() {
-            let len: u64 = redis::cmd("XLEN").arg(lane.key()).query_async(&mut c).await?;
+            let len: u64 = redis::cmd("XLEN")
+                .arg(lane.key())
+                .query_async(&mut c)
+                .await?;
             n += len;
         }
         Ok(n)
@@ -398,7 +419,11 @@ impl Farm {
     /// the manifest has one line per result with distinct indices, and every
     /// index was recorded done at most once.
     pub async fn check_exactly_once(&self, job: &pb::Job) -> Result<ExactlyOnce> {
-        let prefix = job.spec.as_ref().map(|s| s.output_prefix.clone()).unwrap_or_default();
+        let prefix = job
+            .spec
+            .as_ref()
+            .map(|s| s.output_prefix.clone())
+            .unwrap_or_default();
         let dir = if prefix.is_empty() {
             format!("{}/", job.id)
         } else {
@@ -415,7 +440,10 @@ impl Farm {
         if by_index.values().any(|&n| n > 1) {
             bail!("an index has more than one result");
         }
-        let expected: Vec<String> = done.iter().map(|r| format!("{dir}{:06}.png", r.index)).collect();
+        let expected: Vec<String> = done
+            .iter()
+            .map(|r| format!("{dir}{:06}.png", r.index))
+            .collect();
         let mut got: Vec<String> = pngs.iter().map(|s| s.to_string()).collect();
         got.sort();
         let mut exp = expected.clone();

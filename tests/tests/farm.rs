@@ -34,8 +34,18 @@ async fn two_workers_render_200_images_exactly_once() -> Result<()> {
     assert_eq!(once.objects, 200);
     assert_eq!(once.manifest_lines, Some(200));
     // Both workers took part, and results name them.
-    let workers: BTreeSet<String> = farm.results(&job).await?.into_iter().map(|r| r.worker).collect();
-    assert_eq!(workers, BTreeSet::from(["w1".to_string(), "w2".to_string()]), "{}", farm.worker_logs());
+    let workers: BTreeSet<String> = farm
+        .results(&job)
+        .await?
+        .into_iter()
+        .map(|r| r.worker)
+        .collect();
+    assert_eq!(
+        workers,
+        BTreeSet::from(["w1".to_string(), "w2".to_string()]),
+        "{}",
+        farm.worker_logs()
+    );
     farm.shutdown().await
 }
 
@@ -57,7 +67,11 @@ async fn killed_worker_tasks_finish_elsewhere_after_the_lease() -> Result<()> {
         if evs.iter().any(|e| matches!(&e.kind, pixfarm_core::EventKind::Step { worker, .. } if worker == "victim")) {
             break;
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "victim never started\n{}", farm.worker_logs());
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "victim never started\n{}",
+            farm.worker_logs()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     farm.workers[0].kill9()?;
@@ -73,7 +87,9 @@ async fn killed_worker_tasks_finish_elsewhere_after_the_lease() -> Result<()> {
     let by_survivor = results.iter().filter(|r| r.worker == "survivor").count();
     assert!(by_survivor > 0, "the survivor rendered the rest");
     assert!(
-        results.iter().any(|r| r.worker == "survivor" && r.attempts >= 2),
+        results
+            .iter()
+            .any(|r| r.worker == "survivor" && r.attempts >= 2),
         "the victim's in-flight tasks were redelivered after its lease"
     );
     farm.shutdown().await
@@ -93,7 +109,12 @@ async fn redis_restart_mid_job_completes() -> Result<()> {
     farm.redis.restart().await?;
     assert!(before.done < 300, "the restart must happen mid-job");
     let j = farm.wait(&job, LONG).await?;
-    assert_eq!(j.state(), pb::JobState::Succeeded, "{j:?}\n{}", farm.worker_logs());
+    assert_eq!(
+        j.state(),
+        pb::JobState::Succeeded,
+        "{j:?}\n{}",
+        farm.worker_logs()
+    );
     assert_eq!(j.done, 300);
     let once = farm.check_exactly_once(&j).await?;
     assert_eq!((once.objects, once.manifest_lines), (300, Some(300)));
@@ -112,7 +133,9 @@ async fn cancel_mid_job_stops_new_images() -> Result<()> {
     farm.wait_until(&job, LONG, |j| j.done >= 4).await?;
     let mut c = farm.client().await?;
     let canceled = c
-        .cancel_job(pb::CancelJobRequest { job_id: job.clone() })
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.clone(),
+        })
         .await?
         .into_inner()
         .job
@@ -124,7 +147,11 @@ async fn cancel_mid_job_stops_new_images() -> Result<()> {
     let j = farm.get(&job).await?;
     assert_eq!(j.state(), pb::JobState::Canceled);
     assert_eq!(j.done, canceled.done, "no image recorded after the cancel");
-    assert_eq!(j.done + j.failed + j.canceled, j.task_count, "counts add up: {j:?}");
+    assert_eq!(
+        j.done + j.failed + j.canceled,
+        j.task_count,
+        "counts add up: {j:?}"
+    );
     // Nothing was recorded after the cancel event.
     let evs = farm.events(&job).await?;
     let finished = evs
@@ -132,11 +159,16 @@ async fn cancel_mid_job_stops_new_images() -> Result<()> {
         .position(|e| matches!(e.kind, pixfarm_core::EventKind::JobFinished { .. }))
         .expect("a finished event");
     assert!(
-        !evs[finished..].iter().any(|e| matches!(e.kind, pixfarm_core::EventKind::ItemDone { .. })),
+        !evs[finished..]
+            .iter()
+            .any(|e| matches!(e.kind, pixfarm_core::EventKind::ItemDone { .. })),
         "an image was recorded after the cancel"
     );
     let results = farm.results(&job).await?;
-    assert_eq!(results.iter().filter(|r| r.succeeded).count() as u64, j.done);
+    assert_eq!(
+        results.iter().filter(|r| r.succeeded).count() as u64,
+        j.done
+    );
     // Every stored image is a recorded one (uploads of canceled tasks are removed).
     let keys = farm.s3_keys(&format!("cancel/{job}/")).await?;
     let pngs = keys.iter().filter(|k| k.ends_with(".png")).count() as u64;
@@ -160,7 +192,11 @@ async fn idempotent_resubmit_enqueues_once() -> Result<()> {
     assert_eq!(a.job_id, b.job_id);
     assert!(a.created && !b.created);
     assert_eq!(farm.lane_entries().await?, 30);
-    let jobs = c.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs;
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await?
+        .into_inner()
+        .jobs;
     assert_eq!(jobs.len(), 1);
     farm.shutdown().await
 }
@@ -176,7 +212,10 @@ async fn always_failing_task_is_dead_lettered_with_its_error() -> Result<()> {
     let mut its = items(5, 64);
     // A control image that does not exist: every attempt fails.
     its[2].control = Some(pb::Control {
-        source: Some(pb::control::Source::Uri(format!("s3://{}/missing/edge.png", farm.bucket))),
+        source: Some(pb::control::Source::Uri(format!(
+            "s3://{}/missing/edge.png",
+            farm.bucket
+        ))),
         kind: "edge".into(),
         scale: Some(1.0),
     });
@@ -186,7 +225,10 @@ async fn always_failing_task_is_dead_lettered_with_its_error() -> Result<()> {
     assert_eq!((j.done, j.failed), (4, 1));
     assert_eq!(j.failures.len(), 1);
     assert_eq!(j.failures[0].index, 2);
-    assert_eq!(j.failures[0].attempts, 3, "dead-lettered after max_attempts");
+    assert_eq!(
+        j.failures[0].attempts, 3,
+        "dead-lettered after max_attempts"
+    );
     assert!(!j.failures[0].error.is_empty());
     assert!(!j.last_error.is_empty());
     let dead = farm.queue.dead_letters(10).await?;
@@ -222,11 +264,23 @@ async fn s3_down_for_10s_mid_job_loses_nothing() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let during = farm.get(&job).await?;
     // Nothing is recorded without its object: progress stalls while S3 is down.
-    assert!(at_stop.done < 200 && during.done < 200, "the outage must hit mid-job");
-    assert!(during.done <= at_stop.done + 4 * 2, "{} done during the outage", during.done - at_stop.done);
+    assert!(
+        at_stop.done < 200 && during.done < 200,
+        "the outage must hit mid-job"
+    );
+    assert!(
+        during.done <= at_stop.done + 4 * 2,
+        "{} done during the outage",
+        during.done - at_stop.done
+    );
     farm.s3.start_again().await?;
     let j = farm.wait(&job, LONG).await?;
-    assert_eq!(j.state(), pb::JobState::Succeeded, "{j:?}\n{}", farm.worker_logs());
+    assert_eq!(
+        j.state(),
+        pb::JobState::Succeeded,
+        "{j:?}\n{}",
+        farm.worker_logs()
+    );
     assert_eq!((j.done, j.failed), (200, 0));
     let once = farm.check_exactly_once(&j).await?;
     assert_eq!((once.objects, once.manifest_lines), (200, Some(200)));
@@ -247,8 +301,16 @@ async fn bad_input_is_refused_with_the_field_or_line_named() -> Result<()> {
         ("width 17", one(|i| i.width = Some(17)), "items[0].width"),
         ("steps 0", one(|i| i.steps = Some(0)), "items[0].steps"),
         ("steps 100", one(|i| i.steps = Some(100)), "items[0].steps"),
-        ("empty prompt", one(|i| i.prompt = String::new()), "items[0].prompt"),
-        ("1 MB prompt", one(|i| i.prompt = "a".repeat(1 << 20)), "items[0].prompt"),
+        (
+            "empty prompt",
+            one(|i| i.prompt = String::new()),
+            "items[0].prompt",
+        ),
+        (
+            "1 MB prompt",
+            one(|i| i.prompt = "a".repeat(1 << 20)),
+            "items[0].prompt",
+        ),
     ];
     for (name, its, field) in cases {
         let e = c
@@ -272,29 +334,55 @@ async fn bad_input_is_refused_with_the_field_or_line_named() -> Result<()> {
     let mut text = String::new();
     for i in 0..40 {
         let w = if i == 37 { 17 } else { 64 };
-        text.push_str(&format!("{{\"prompt\": \"p{i}\", \"width\": {w}, \"height\": 64}}\n"));
+        text.push_str(&format!(
+            "{{\"prompt\": \"p{i}\", \"width\": {w}, \"height\": 64}}\n"
+        ));
     }
     std::fs::write(&path, &text)?;
     let parsed = pixfarm::input::read_items(&path)?;
     let mut cli = pixfarm::client::connect(&farm.addr.to_string()).await?;
-    let e = pixfarm::client::submit(&mut cli, pb::JobSpec::default(), &parsed).await.unwrap_err();
+    let e = pixfarm::client::submit(&mut cli, pb::JobSpec::default(), &parsed)
+        .await
+        .unwrap_err();
     let msg = format!("{e:#}");
-    assert!(msg.contains("prompts.jsonl line 38: items[37].width"), "{msg}");
+    assert!(
+        msg.contains("prompts.jsonl line 38: items[37].width"),
+        "{msg}"
+    );
     // A malformed JSONL line 37 never reaches the coordinator.
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines[36] = "{\"prompt\": \"p36\", \"width\": }".into();
     std::fs::write(&path, lines.join("\n"))?;
     let e = pixfarm::input::read_items(&path).unwrap_err();
-    assert_eq!(e.to_string(), "prompts.jsonl line 37: expected value at column 28");
+    assert_eq!(
+        e.to_string(),
+        "prompts.jsonl line 37: expected value at column 28"
+    );
     // Unknown job ids.
     let unknown = "0190c0de-0000-7000-8000-000000000000";
-    let e = c.get_job(pb::GetJobRequest { job_id: unknown.into() }).await.unwrap_err();
+    let e = c
+        .get_job(pb::GetJobRequest {
+            job_id: unknown.into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c.cancel_job(pb::CancelJobRequest { job_id: unknown.into() }).await.unwrap_err();
+    let e = c
+        .cancel_job(pb::CancelJobRequest {
+            job_id: unknown.into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     // Nothing was enqueued or recorded for any of them.
     assert_eq!(farm.lane_entries().await?, 0);
-    assert!(c.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs.is_empty());
+    assert!(
+        c.list_jobs(pb::ListJobsRequest::default())
+            .await?
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
     farm.shutdown().await
 }
 

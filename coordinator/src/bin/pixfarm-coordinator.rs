@@ -6,7 +6,11 @@ use clap::Parser;
 use pixfarm_coordinator::{CoordinatorConfig, serve, shutdown_signal};
 
 #[derive(Parser)]
-#[command(name = "pixfarm-coordinator", version, about = "The pixfarm gRPC coordinator")]
+#[command(
+    name = "pixfarm-coordinator",
+    version,
+    about = "The pixfarm gRPC coordinator"
+)]
 struct Cli {
     #[command(flatten)]
     config: CoordinatorConfig,
@@ -16,8 +20,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();

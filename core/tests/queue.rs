@@ -477,7 +477,7 @@ async fn cancel_stops_the_job_and_counts_add_up() -> Result<()> {
     let first = q.pull("w", &base(), 2, Duration::from_millis(10)).await?;
     assert_eq!(first.len(), 2);
     q.complete(&first[0], &ok_result(&first[0], "w")).await?;
-    assert!(q.is_cancelled(&[id.clone()]).await?.is_empty());
+    assert!(q.is_cancelled(std::slice::from_ref(&id)).await?.is_empty());
 
     let rec = q.cancel_job(&id).await?;
     assert_eq!(rec.state, JobState::Canceled);

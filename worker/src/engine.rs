@@ -82,10 +82,10 @@ impl Engine {
                             render_ms: t.elapsed().as_secs_f64() * 1e3,
                         })
                     });
-                    if let Err(e) = &result {
-                        if !matches!(e, pixart::Error::Cancelled) {
-                            error!(error = %e, "render failed");
-                        }
+                    if let Err(e) = &result
+                        && !matches!(e, pixart::Error::Cancelled)
+                    {
+                        error!(error = %e, "render failed");
                     }
                     let _ = reply.send(result);
                 }

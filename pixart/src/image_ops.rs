@@ -323,6 +323,40 @@ mod tests {
     }
 
     #[test]
+    fn resize_and_crop_matches_diffusers() {
+        // Expected values from diffusers' PixArtImageProcessor.resize_and_crop_tensor (torch 2.15).
+        let x: Vec<f32> = (0..24).map(|i| (i as f32).powf(1.5) / 10.0).collect();
+        let x = Tensor::from_vec(x, (1, 1, 4, 6), &Device::Cpu).unwrap();
+        let y = resize_and_crop_tensor(&x, 3, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = [
+            0.281713, 0.557621, 0.960688, 2.927386, 3.630304, 4.386338, 7.213285, 8.165659,
+            9.157256,
+        ];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{y:?}");
+        }
+        let x = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 2, 3))
+            .unwrap();
+        let y = resize_and_crop_tensor(&x, 4, 4)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = [
+            0.25, 0.75, 1.25, 1.75, 1.0, 1.5, 2.0, 2.5, 2.5, 3.0, 3.5, 4.0, 3.25, 3.75, 4.25, 4.75,
+        ];
+        assert_eq!(y, want);
+    }
+
+    #[test]
     fn bilinear_upsample_matches_torch_formula() {
         // torch: F.interpolate(tensor([[[[0.,1.]]]]), size=(1,4), mode="bilinear") = [0, .25, .75, 1]
         let out = bilinear(&[0.0, 1.0], 1, 1, 2, 1, 4);

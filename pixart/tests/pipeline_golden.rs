@@ -304,3 +304,31 @@ fn validation_names_the_field() -> Result<()> {
     assert!(e.contains("dtype"), "{e}");
     Ok(())
 }
+
+#[test]
+fn lcm_mode_with_micro_conditions_matches_diffusers() -> Result<()> {
+    // The transformer fixtures' micro-condition model (sample_size 128): resolution and aspect
+    // ratio must reach the transformer on every step.
+    let micro = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformer/micro");
+    let transformer =
+        pixart::transformer::PixArtTransformer::load(&micro, DType::F32, &Device::Cpu)?;
+    assert!(transformer.config.use_additional_conditions);
+    let sched = LcmSchedulerConfig::from_path(&model_dir().join("scheduler"))?;
+    let inputs = conformance::load_tensors(&fixtures().join("lcm_micro.inputs.safetensors"))?;
+    let want = conformance::load_tensors(&fixtures().join("lcm_micro.expected.safetensors"))?;
+    let out = conformance::lcm(&transformer, &sched, Default::default(), &inputs)?;
+    assert_eq!(
+        out["timesteps"].to_vec1::<f32>()?,
+        want["timesteps"].to_vec1::<f32>()?
+    );
+    let err = rel_err(&out["latents"], &want["latents"])?;
+    println!("lcm mode with micro-conditions, padded mask, 4 steps: rel err {err:e}");
+    assert!(err <= 1e-3, "relative error {err}");
+    let mut missing = inputs.clone();
+    missing.remove("aspect_ratio");
+    let e = conformance::lcm(&transformer, &sched, Default::default(), &missing)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("aspect_ratio"), "{e}");
+    Ok(())
+}

@@ -325,9 +325,9 @@ impl Vae {
         self.check_channels(latents, self.config.latent_channels, "latents")?;
         let z =
             (latents.to_dtype(DType::F32)?.to_device(&self.device)? / self.config.scaling_factor)?;
-        // Item by item: candle's VAE mid-block attention gives wrong results for batch > 1
-        // (checked against diffusers in tests/vae_golden.rs), and one item at a time also bounds
-        // the activation memory of 1024 px decodes.
+        // Item by item: candle 0.11's `AutoEncoderKL::decode` disagrees with diffusers for
+        // batch > 1 (7e-2 relative error on the tiny VAE, 1.5e-6 item by item — see
+        // tests/vae_golden.rs), and one item at a time also bounds 1024 px decode memory.
         let mut out = Vec::with_capacity(z.dim(0)?);
         for i in 0..z.dim(0)? {
             out.push(self.model.decode(&z.narrow(0, i, 1)?)?);

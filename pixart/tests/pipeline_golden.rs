@@ -332,3 +332,48 @@ fn lcm_mode_with_micro_conditions_matches_diffusers() -> Result<()> {
     assert!(e.contains("aspect_ratio"), "{e}");
     Ok(())
 }
+
+#[test]
+fn binned_models_render_at_the_bin_and_resize_back() -> Result<()> {
+    // The tiny model with `sample_size` 32 uses diffusers' 256-px aspect-ratio table.
+    let tmp = tempfile::tempdir()?;
+    for part in [
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "transformer",
+        "vae",
+    ] {
+        let from = model_dir().join(part);
+        if from.is_dir() {
+            std::fs::create_dir_all(tmp.path().join(part))?;
+            for f in std::fs::read_dir(&from)? {
+                let f = f?;
+                std::fs::copy(f.path(), tmp.path().join(part).join(f.file_name()))?;
+            }
+        } else {
+            std::fs::copy(&from, tmp.path().join(part))?;
+        }
+    }
+    let cfg_path = tmp.path().join("transformer/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+    cfg["sample_size"] = 32.into();
+    std::fs::write(&cfg_path, cfg.to_string())?;
+    let mut pipe = Pipeline::load(
+        &ModelSource::Dir(tmp.path().to_path_buf()),
+        PipelineOptions::default(),
+    )?;
+    assert_eq!(
+        pipe.aspect_ratio_table().map(|t| t.name),
+        Some("ASPECT_RATIO_256_BIN")
+    );
+    // diffusers: classify_height_width_bin(48, 64, ASPECT_RATIO_256_BIN) = (208, 288)
+    assert_eq!(pipe.generation_size(64, 48), (288, 208));
+    assert_eq!(pipe.generation_size(64, 64), (256, 256));
+    let out = pipe.render(&request(&[("a fox", 1)], 64, 48, 1), &mut |_| {
+        Control::Continue
+    })?;
+    assert_eq!(out[0].image.dimensions(), (64, 48));
+    Ok(())
+}

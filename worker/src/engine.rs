@@ -66,20 +66,35 @@ impl Engine {
                         progress,
                         reply,
                     } = job;
-                    let result = pipeline.validate(&request).and_then(|()| {
-                        let t = Instant::now();
-                        let mut on_step = |p: StepProgress| {
-                            let _ = progress.send(p);
-                            if cancel.load(Ordering::Relaxed) {
-                                Control::Cancel
-                            } else {
-                                Control::Continue
-                            }
-                        };
-                        let outputs = pipeline.render(&request, &mut on_step)?;
-                        Ok(Rendered {
-                            outputs,
-                            render_ms: t.elapsed().as_secs_f64() * 1e3,
+                    // A panic inside the model fails this batch with its message instead of taking
+                    // the worker down; the weights are read-only, so the pipeline stays usable.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        pipeline.validate(&request).and_then(|()| {
+                            let t = Instant::now();
+                            let mut on_step = |p: StepProgress| {
+                                let _ = progress.send(p);
+                                if cancel.load(Ordering::Relaxed) {
+                                    Control::Cancel
+                                } else {
+                                    Control::Continue
+                                }
+                            };
+                            let outputs = pipeline.render(&request, &mut on_step)?;
+                            Ok(Rendered {
+                                outputs,
+                                render_ms: t.elapsed().as_secs_f64() * 1e3,
+                            })
+                        })
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let msg = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(pixart::Error::InvalidInput {
+                            field: "render",
+                            message: format!("the model panicked: {msg}"),
                         })
                     });
                     if let Err(e) = &result
@@ -108,6 +123,12 @@ impl Engine {
                 message: "the engine thread stopped while loading the model".into(),
             }),
         }
+    }
+
+    /// Whether the engine thread is gone (it only stops when the handle is dropped, or on a fault
+    /// outside a render); the worker then exits so its supervisor restarts it.
+    pub fn is_stopped(&self) -> bool {
+        self.tx.is_closed()
     }
 
     /// Renders one batch. `cancel` stops it between steps (`Err(Cancelled)`); `progress` receives

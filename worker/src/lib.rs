@@ -57,6 +57,8 @@ pub enum WorkerError {
     Device(String),
     #[error(transparent)]
     Core(#[from] CoreError),
+    #[error("the engine thread stopped unexpectedly")]
+    EngineStopped,
 }
 
 /// Tasks this worker holds (pulled, not yet acknowledged): the heartbeat extends their leases.
@@ -184,6 +186,7 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     let poll = Duration::from_millis(config.poll_ms);
 
+    let mut engine_stopped = false;
     while !draining.load(Ordering::SeqCst) {
         while in_flight.try_join_next().is_some() {}
         let tasks = match shared
@@ -217,6 +220,11 @@ pub async fn run(
         }
         .instrument(span)
         .await;
+        if engine.is_stopped() {
+            error!("the engine thread stopped; exiting so the worker can be restarted");
+            engine_stopped = true;
+            break;
+        }
     }
 
     shared.set_state(WorkerState::Draining, 0).await;
@@ -228,6 +236,9 @@ pub async fn run(
         .remove_consumer(&worker_id, &config.lanes)
         .await;
     drop(engine);
+    if engine_stopped {
+        return Err(WorkerError::EngineStopped);
+    }
     info!(worker = %worker_id, "worker stopped");
     Ok(())
 }

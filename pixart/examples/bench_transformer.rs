@@ -35,6 +35,9 @@ struct Args {
     /// Latent side (32 = 256 px, 128 = 1024 px).
     #[arg(long, default_value_t = 32)]
     latent: usize,
+    /// Only time the attention core (q·kᵀ, softmax, ·v) of one self-attention at this latent size.
+    #[arg(long)]
+    attn_only: bool,
     /// Skip the per-span profile run.
     #[arg(long)]
     no_profile: bool,
@@ -72,6 +75,20 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for &'static Profile {
 fn main() -> Result<()> {
     let args = Args::parse();
     let dev = Device::Cpu;
+    if args.attn_only {
+        let n = (args.latent / 2) * (args.latent / 2);
+        let q = Tensor::randn(0f32, 0.3, (1, 16, n, 72), &dev)?;
+        let k = Tensor::randn(0f32, 0.3, (1, 16, n, 72), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 16, n, 72), &dev)?;
+        pixart::attention::attend(&q, &k, &v, None)?;
+        let t = Instant::now();
+        pixart::attention::attend(&q, &k, &v, None)?;
+        println!(
+            "attention core, {n} tokens, 16 heads: {:.3} s",
+            t.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let t_load = Instant::now();
     let model = PixArtTransformer::load(&args.dir, DType::F32, &dev)?;
     let load_s = t_load.elapsed().as_secs_f64();

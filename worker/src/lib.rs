@@ -529,6 +529,17 @@ async fn upload_and_record(
                 // Cancelled after the check above: remove the image we just stored.
                 let _ = shared.storage.delete(&task.spec.output_key).await;
             }
+            Recorded::Duplicate => {
+                // Recorded before (a lease race, or our own earlier try that lost its reply): if
+                // that finished the job, its manifest may still be missing.
+                if !finished.contains(&task.spec.job)
+                    && let Ok(rec) = shared.queue.get_job(&task.spec.job).await
+                    && rec.state.is_terminal()
+                    && rec.manifest_key.is_none()
+                {
+                    finished.push(task.spec.job.clone());
+                }
+            }
             _ => {}
         }
     }

@@ -9,9 +9,25 @@ async fn main() -> std::process::ExitCode {
     match pixfarm::commands::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` joins the context chain into one sentence; no Debug dumps.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", sentence(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined into one sentence (no Debug dumps),
+/// skipping causes whose text an outer message already repeats.
+fn sentence(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

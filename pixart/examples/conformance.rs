@@ -129,10 +129,15 @@ fn load_inputs(path: &Path) -> Result<HashMap<String, Tensor>> {
 fn save_outputs(outputs: HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let mut out = HashMap::new();
     for (k, v) in outputs {
-        let v = if v.dtype() == DType::F32 { v } else { v.to_dtype(DType::F32)? };
+        let v = if v.dtype() == DType::F32 {
+            v
+        } else {
+            v.to_dtype(DType::F32)?
+        };
         out.insert(k, v.contiguous()?);
     }
-    candle_core::safetensors::save(&out, path).with_context(|| format!("writing outputs {}", path.display()))
+    candle_core::safetensors::save(&out, path)
+        .with_context(|| format!("writing outputs {}", path.display()))
 }
 
 /// Fetches a required input tensor, naming it when absent.
@@ -156,7 +161,9 @@ fn mask_as_f32(mask: &Tensor) -> Result<Tensor> {
 
 fn run_transformer(a: &TransformerArgs) -> Result<()> {
     if a.controlnet.is_some() {
-        bail!("transformer --controlnet is not supported yet (the ControlNet adapter lands in a later issue)");
+        bail!(
+            "transformer --controlnet is not supported yet (the ControlNet adapter lands in a later issue)"
+        );
     }
     pixart::transformer::conformance::run_files(&a.model, &a.inputs, &a.out)?;
     Ok(())
@@ -169,12 +176,20 @@ fn run_transformer(a: &TransformerArgs) -> Result<()> {
 fn run_lcm(a: &LcmArgs) -> Result<()> {
     use pixart::pipeline::{TimestepSpacing, conformance};
     if a.controlnet.is_some() {
-        bail!("lcm --controlnet is not supported yet (the ControlNet adapter lands in a later issue)");
+        bail!(
+            "lcm --controlnet is not supported yet (the ControlNet adapter lands in a later issue)"
+        );
     }
-    let transformer = pixart::transformer::PixArtTransformer::load(&a.model, DType::F32, &Device::Cpu)?;
+    let transformer =
+        pixart::transformer::PixArtTransformer::load(&a.model, DType::F32, &Device::Cpu)?;
     let scheduler = pixart::scheduler::LcmSchedulerConfig::from_path(&a.scheduler)?;
     let inputs = load_inputs(&a.inputs)?;
-    let out = conformance::lcm(&transformer, &scheduler, TimestepSpacing::Diffusers, &inputs)?;
+    let out = conformance::lcm(
+        &transformer,
+        &scheduler,
+        TimestepSpacing::Diffusers,
+        &inputs,
+    )?;
     save_outputs(out, &a.out)
 }
 
@@ -203,7 +218,8 @@ fn run_vae_encode(a: &VaeArgs) -> Result<()> {
 // ---------------------------------------------------------------------------------------------------------
 
 fn run_t5(a: &T5Args) -> Result<()> {
-    let mut encoder = pixart::text_encoder::TextEncoder::load(&a.text_encoder, DType::F32, &Device::Cpu)?;
+    let mut encoder =
+        pixart::text_encoder::TextEncoder::load(&a.text_encoder, DType::F32, &Device::Cpu)?;
     let out = pixart::pipeline::conformance::t5(&mut encoder, &load_inputs(&a.inputs)?)?;
     save_outputs(out, &a.out)
 }

@@ -3,8 +3,6 @@
 //! passed in and the LCM noise replaced by recorded tensors (fixtures: `fixtures/pipeline/gen.py`).
 //! Plus the render API's promises: seeds, batch independence, cancellation, validation.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use pixart::pipeline::{
@@ -12,35 +10,14 @@ use pixart::pipeline::{
 };
 use pixart::scheduler::LcmSchedulerConfig;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
-}
-
-fn model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-pixart-lcm")
-}
+mod common;
+use common::{fixtures, model_dir, rel_err};
 
 fn tiny() -> Result<Pipeline> {
     Ok(Pipeline::load(
         &ModelSource::Dir(model_dir()),
         PipelineOptions::default(),
     )?)
-}
-
-fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
-    assert_eq!(ours.dims(), reference.dims());
-    let diff = (ours - reference)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let scale = reference
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?
-        .max(1.0);
-    Ok(diff / scale)
 }
 
 #[derive(serde::Deserialize)]
@@ -52,9 +29,12 @@ struct Meta {
 
 #[test]
 fn prompts_to_latents_and_image_match_diffusers() -> Result<()> {
-    let t = candle_core::safetensors::load(fixtures().join("pipeline.safetensors"), &Device::Cpu)?;
+    let t = candle_core::safetensors::load(
+        fixtures("pipeline").join("pipeline.safetensors"),
+        &Device::Cpu,
+    )?;
     let meta: Meta = serde_json::from_str(&std::fs::read_to_string(
-        fixtures().join("pipeline_prompts.json"),
+        fixtures("pipeline").join("pipeline_prompts.json"),
     )?)?;
     let mut pipe = tiny()?;
     assert_eq!(
@@ -107,7 +87,10 @@ fn prompts_to_latents_and_image_match_diffusers() -> Result<()> {
 
 #[test]
 fn lcm_conformance_mode_matches_diffusers() -> Result<()> {
-    let t = candle_core::safetensors::load(fixtures().join("pipeline.safetensors"), &Device::Cpu)?;
+    let t = candle_core::safetensors::load(
+        fixtures("pipeline").join("pipeline.safetensors"),
+        &Device::Cpu,
+    )?;
     let transformer = pixart::transformer::PixArtTransformer::load(
         model_dir().join("transformer"),
         DType::F32,
@@ -288,9 +271,12 @@ fn validation_names_the_field() -> Result<()> {
         assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
     }
     pipe.validate(&request(&[("a cat", 1)], 48, 80, 8))?;
-    let e = Pipeline::load(&ModelSource::Dir(fixtures()), PipelineOptions::default())
-        .unwrap_err()
-        .to_string();
+    let e = Pipeline::load(
+        &ModelSource::Dir(fixtures("pipeline")),
+        PipelineOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("model_index.json"), "{e}");
     let e = Pipeline::load(
         &ModelSource::Dir(model_dir()),
@@ -309,13 +295,15 @@ fn validation_names_the_field() -> Result<()> {
 fn lcm_mode_with_micro_conditions_matches_diffusers() -> Result<()> {
     // The transformer fixtures' micro-condition model (sample_size 128): resolution and aspect
     // ratio must reach the transformer on every step.
-    let micro = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformer/micro");
+    let micro = fixtures("transformer").join("micro");
     let transformer =
         pixart::transformer::PixArtTransformer::load(&micro, DType::F32, &Device::Cpu)?;
     assert!(transformer.config.use_additional_conditions);
     let sched = LcmSchedulerConfig::from_path(&model_dir().join("scheduler"))?;
-    let inputs = conformance::load_tensors(&fixtures().join("lcm_micro.inputs.safetensors"))?;
-    let want = conformance::load_tensors(&fixtures().join("lcm_micro.expected.safetensors"))?;
+    let inputs =
+        conformance::load_tensors(&fixtures("pipeline").join("lcm_micro.inputs.safetensors"))?;
+    let want =
+        conformance::load_tensors(&fixtures("pipeline").join("lcm_micro.expected.safetensors"))?;
     let out = conformance::lcm(&transformer, &sched, Default::default(), &inputs)?;
     assert_eq!(
         out["timesteps"].to_vec1::<f32>()?,

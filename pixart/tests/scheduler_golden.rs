@@ -4,40 +4,20 @@
 //! the scheduler: timesteps, ᾱ (f32 like torch), boundary scalings, the ε→x0 step and noise
 //! injection, for 1, 2, 3, 4 and 8 steps and both timestep spacings.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use pixart::pipeline::TimestepSpacing;
 use pixart::scheduler::{LcmScheduler, LcmSchedulerConfig};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
-}
-
-fn model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-pixart-lcm")
-}
-
-/// The contract's tolerance: max|ours − ref| / max(1, max|ref|).
-fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
-    let diff = (ours - reference)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let scale = reference
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?
-        .max(1.0);
-    Ok(diff / scale)
-}
+mod common;
+use common::{fixtures, model_dir, rel_err};
 
 #[test]
 fn alphas_cumprod_match_torch_f32() -> Result<()> {
-    let t = candle_core::safetensors::load(fixtures().join("scheduler.safetensors"), &Device::Cpu)?;
+    let t = candle_core::safetensors::load(
+        fixtures("pipeline").join("scheduler.safetensors"),
+        &Device::Cpu,
+    )?;
     let cfg = LcmSchedulerConfig::from_path(&model_dir().join("scheduler"))?;
     assert_eq!(cfg, LcmSchedulerConfig::pixart_lcm());
     let ours = cfg.alphas_cumprod();
@@ -57,7 +37,10 @@ fn alphas_cumprod_match_torch_f32() -> Result<()> {
 
 #[test]
 fn lcm_loops_match_diffusers() -> Result<()> {
-    let t = candle_core::safetensors::load(fixtures().join("scheduler.safetensors"), &Device::Cpu)?;
+    let t = candle_core::safetensors::load(
+        fixtures("pipeline").join("scheduler.safetensors"),
+        &Device::Cpu,
+    )?;
     let cfg = LcmSchedulerConfig::from_path(&model_dir().join("scheduler"))?;
     for n in [1usize, 2, 3, 4, 8] {
         let eps = &t[&format!("n{n}_eps")];

@@ -1,24 +1,18 @@
 //! T5 encoder with padding vs transformers' `T5EncoderModel` (only mask-1 positions compared), and
 //! tokenizer ids vs sentencepiece / transformers.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use pixart::pipeline::conformance;
 use pixart::text_encoder::{T5Tokenizer, TextEncoder};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
-}
-
-fn model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-pixart-lcm")
-}
+mod common;
+use common::{fixtures, model_dir};
 
 #[test]
 fn t5_with_padding_matches_transformers() -> Result<()> {
-    let t = candle_core::safetensors::load(fixtures().join("t5.safetensors"), &Device::Cpu)?;
+    let t =
+        candle_core::safetensors::load(fixtures("pipeline").join("t5.safetensors"), &Device::Cpu)?;
     // Saved by transformers 5: `shared.weight` only, `tie_word_embeddings: true`, extra keys.
     let mut te = TextEncoder::load(&model_dir().join("text_encoder"), DType::F32, &Device::Cpu)?;
     let inputs = [
@@ -61,7 +55,7 @@ fn tokenizer_ids_match_python() -> Result<()> {
         ids: Vec<u32>,
     }
     let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(
-        fixtures().join("tokenizer_cases.json"),
+        fixtures("pipeline").join("tokenizer_cases.json"),
     )?)?;
     let tok = T5Tokenizer::from_dir(&model_dir().join("tokenizer"))?;
     for c in &cases {

@@ -9,28 +9,23 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use pixart::transformer::{PixArtTransformer, conformance};
 
-const TOL: f32 = 1e-3;
+mod common;
+use common::{fixtures, rel_err};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformer")
-}
+const TOL: f32 = 1e-3;
 
 fn load(path: PathBuf) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| path.display().to_string())
 }
 
-/// The contract's relative error.
-fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
-    assert_eq!(ours.dims(), reference.dims(), "shape");
-    let diff = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    let scale = reference.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
-    Ok(diff / scale)
-}
-
 fn check_case(model: &str, case: &str) -> Result<f32> {
-    let m = PixArtTransformer::load(fixtures().join(model), DType::F32, &Device::Cpu)?;
-    let inputs = load(fixtures().join(format!("{case}.inputs.safetensors")))?;
-    let expected = load(fixtures().join(format!("{case}.expected.safetensors")))?;
+    let m = PixArtTransformer::load(
+        fixtures("transformer").join(model),
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let inputs = load(fixtures("transformer").join(format!("{case}.inputs.safetensors")))?;
+    let expected = load(fixtures("transformer").join(format!("{case}.expected.safetensors")))?;
     let ours = conformance::forward_named(&m, &inputs)?;
     let err = rel_err(&ours, &expected["sample"])?;
     println!("{case}: relative max error {err:.3e}");
@@ -58,13 +53,21 @@ fn no_micro_conditions_non_square_batch2_mask_with_hole() -> Result<()> {
 
 #[test]
 fn derived_config_and_extra_y_embedding() -> Result<()> {
-    let m = PixArtTransformer::load(fixtures().join("micro"), DType::F32, &Device::Cpu)?;
+    let m = PixArtTransformer::load(
+        fixtures("transformer").join("micro"),
+        DType::F32,
+        &Device::Cpu,
+    )?;
     assert!(
         m.config.use_additional_conditions,
         "sample_size 128 derives micro-conditions"
     );
     assert_eq!(m.config.interpolation_scale, 2.0);
-    let p = PixArtTransformer::load(fixtures().join("plain"), DType::F32, &Device::Cpu)?;
+    let p = PixArtTransformer::load(
+        fixtures("transformer").join("plain"),
+        DType::F32,
+        &Device::Cpu,
+    )?;
     assert!(!p.config.use_additional_conditions);
     assert_eq!(p.config.interpolation_scale, 1.0);
     Ok(())
@@ -74,9 +77,13 @@ fn derived_config_and_extra_y_embedding() -> Result<()> {
 /// per-row timesteps).
 #[test]
 fn batch_rows_are_independent() -> Result<()> {
-    let m = PixArtTransformer::load(fixtures().join("micro"), DType::F32, &Device::Cpu)?;
-    let inputs = load(fixtures().join("micro_b2_padded.inputs.safetensors"))?;
-    let expected = load(fixtures().join("micro_b2_padded.expected.safetensors"))?;
+    let m = PixArtTransformer::load(
+        fixtures("transformer").join("micro"),
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let inputs = load(fixtures("transformer").join("micro_b2_padded.inputs.safetensors"))?;
+    let expected = load(fixtures("transformer").join("micro_b2_padded.expected.safetensors"))?;
     let row: HashMap<String, Tensor> = inputs
         .iter()
         .map(|(k, v)| (k.clone(), v.i(1..2).unwrap()))
@@ -93,20 +100,20 @@ fn conformance_harness_files() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("out.safetensors");
     conformance::run_files(
-        &fixtures().join("plain"),
-        &fixtures().join("plain_b2_nonsquare.inputs.safetensors"),
+        &fixtures("transformer").join("plain"),
+        &fixtures("transformer").join("plain_b2_nonsquare.inputs.safetensors"),
         &out,
     )?;
     let ours = load(out.clone())?;
-    let expected = load(fixtures().join("plain_b2_nonsquare.expected.safetensors"))?;
+    let expected = load(fixtures("transformer").join("plain_b2_nonsquare.expected.safetensors"))?;
     let err = rel_err(&ours["sample"], &expected["sample"])?;
     assert!(err <= TOL, "{err}");
     // A missing input is named.
     let bad = dir.path().join("bad.safetensors");
-    let mut inputs = load(fixtures().join("plain_b2_nonsquare.inputs.safetensors"))?;
+    let mut inputs = load(fixtures("transformer").join("plain_b2_nonsquare.inputs.safetensors"))?;
     inputs.remove("timestep");
     candle_core::safetensors::save(&inputs, &bad)?;
-    let e = conformance::run_files(&fixtures().join("plain"), &bad, &out)
+    let e = conformance::run_files(&fixtures("transformer").join("plain"), &bad, &out)
         .unwrap_err()
         .to_string();
     assert!(e.contains("timestep"), "{e}");
@@ -116,8 +123,12 @@ fn conformance_harness_files() -> Result<()> {
 /// Micro-condition models require resolution and aspect ratio.
 #[test]
 fn micro_conditions_are_required() -> Result<()> {
-    let m = PixArtTransformer::load(fixtures().join("micro"), DType::F32, &Device::Cpu)?;
-    let inputs = load(fixtures().join("micro_nonsquare.inputs.safetensors"))?;
+    let m = PixArtTransformer::load(
+        fixtures("transformer").join("micro"),
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let inputs = load(fixtures("transformer").join("micro_nonsquare.inputs.safetensors"))?;
     let e = m
         .forward(
             &inputs["hidden_states"],
@@ -136,10 +147,11 @@ fn micro_conditions_are_required() -> Result<()> {
 /// run on the CPU too: bf16 and f16 stay within their precision of the f64 reference.
 #[test]
 fn half_precision_paths_stay_close() -> Result<()> {
-    let inputs = load(fixtures().join("micro_b2_padded.inputs.safetensors"))?;
-    let expected = load(fixtures().join("micro_b2_padded.expected.safetensors"))?;
+    let inputs = load(fixtures("transformer").join("micro_b2_padded.inputs.safetensors"))?;
+    let expected = load(fixtures("transformer").join("micro_b2_padded.expected.safetensors"))?;
     for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 5e-3)] {
-        let m = PixArtTransformer::load(fixtures().join("micro"), dtype, &Device::Cpu)?;
+        let m =
+            PixArtTransformer::load(fixtures("transformer").join("micro"), dtype, &Device::Cpu)?;
         let ours = conformance::forward_named(&m, &inputs)?;
         assert_eq!(ours.dtype(), dtype);
         let err = rel_err(&ours.to_dtype(DType::F32)?, &expected["sample"])?;

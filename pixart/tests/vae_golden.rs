@@ -1,40 +1,18 @@
 //! VAE decode / encode (posterior mean) vs diffusers' `AutoencoderKL` on the tiny checkpoint's VAE.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use pixart::pipeline::conformance;
 use pixart::vae::Vae;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
-}
-
-fn vae_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-pixart-lcm/vae")
-}
-
-fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
-    assert_eq!(ours.dims(), reference.dims());
-    let diff = (ours - reference)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let scale = reference
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?
-        .max(1.0);
-    Ok(diff / scale)
-}
+mod common;
+use common::{fixtures, model_dir, rel_err};
 
 #[test]
 fn decode_matches_diffusers() -> Result<()> {
-    let t = candle_core::safetensors::load(fixtures().join("vae.safetensors"), &Device::Cpu)?;
-    let vae = Vae::load(&vae_dir(), &Device::Cpu)?;
+    let t =
+        candle_core::safetensors::load(fixtures("pipeline").join("vae.safetensors"), &Device::Cpu)?;
+    let vae = Vae::load(&model_dir().join("vae"), &Device::Cpu)?;
     let inputs = [("latents".to_string(), t["decode_latents"].clone())].into();
     let out = conformance::vae_decode(&vae, &inputs)?;
     let err = rel_err(&out["sample"], &t["decode_sample"])?;
@@ -45,8 +23,9 @@ fn decode_matches_diffusers() -> Result<()> {
 
 #[test]
 fn encode_mean_matches_diffusers() -> Result<()> {
-    let t = candle_core::safetensors::load(fixtures().join("vae.safetensors"), &Device::Cpu)?;
-    let vae = Vae::load(&vae_dir(), &Device::Cpu)?;
+    let t =
+        candle_core::safetensors::load(fixtures("pipeline").join("vae.safetensors"), &Device::Cpu)?;
+    let vae = Vae::load(&model_dir().join("vae"), &Device::Cpu)?;
     let inputs = [("image".to_string(), t["encode_image"].clone())].into();
     let out = conformance::vae_encode(&vae, &inputs)?;
     let err = rel_err(&out["latents"], &t["encode_latents"])?;
@@ -60,7 +39,7 @@ fn encode_mean_matches_diffusers() -> Result<()> {
 
 #[test]
 fn bad_inputs_are_named() -> Result<()> {
-    let vae = Vae::load(&vae_dir(), &Device::Cpu)?;
+    let vae = Vae::load(&model_dir().join("vae"), &Device::Cpu)?;
     let e = conformance::vae_decode(&vae, &Default::default())
         .unwrap_err()
         .to_string();
@@ -77,7 +56,7 @@ fn bad_inputs_are_named() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("image"), "{e}");
-    let e = Vae::load(&fixtures(), &Device::Cpu)
+    let e = Vae::load(&fixtures("pipeline"), &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(e.contains("config.json"), "{e}");

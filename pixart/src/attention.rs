@@ -498,6 +498,12 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap()
+    }
+
     #[test]
     fn mask_plans() {
         let dev = Device::Cpu;
@@ -566,14 +572,7 @@ mod tests {
         assert!(matches!(packed, TextKeys::Packed { .. }));
         let a = attn.cross_attention(&x, &biased).unwrap();
         let b = attn.cross_attention(&x, &packed).unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&a, &b);
         assert!(diff < 1e-5, "{diff}");
     }
 
@@ -617,14 +616,7 @@ mod tests {
                     b.cross_attention(&x, &text).unwrap(),
                 ),
             };
-            let diff = (oa - ob)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&oa, &ob);
             assert!(diff < 1e-5, "{kind:?}: {diff}");
         }
     }
@@ -638,8 +630,7 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, (2, 1, 1, 11), &dev).unwrap();
         let whole = attend_chunked(&q, &k, &v, Some(&bias), 0).unwrap();
         let blocks = attend_chunked(&q, &k, &v, Some(&bias), 5).unwrap();
-        let diff = (whole - blocks).unwrap().abs().unwrap().max_all().unwrap();
         // Same math; only gemm's blocking may round differently.
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(max_abs_diff(&whole, &blocks) < 1e-5);
     }
 }

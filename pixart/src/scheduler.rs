@@ -550,27 +550,16 @@ mod tests {
 
     #[test]
     fn seeded_noise_is_reproducible_and_seed_dependent() {
-        let a = SeededNoise::new(7)
-            .next_tensor(&[2, 3], &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = SeededNoise::new(7)
-            .next_tensor(&[2, 3], &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let c = SeededNoise::new(8)
-            .next_tensor(&[2, 3], &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let draw = |seed| {
+            SeededNoise::new(seed)
+                .next_tensor(&[2, 3], &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (a, b, c) = (draw(7), draw(7), draw(8));
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

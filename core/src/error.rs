@@ -93,6 +93,10 @@ pub enum CoreError {
     Corrupt { what: String, message: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A tenant quota or the submit rate limit refused the request; nothing was written. Boxed:
+    /// it is rare and keeps `Result<_, CoreError>` small.
+    #[error("{}", .0.message)]
+    QuotaExceeded(Box<crate::fair::QuotaExceeded>),
 }
 
 impl CoreError {

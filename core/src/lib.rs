@@ -56,7 +56,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod error;
+pub mod fair;
 pub mod model;
 pub mod queue;
 mod scripts;
@@ -66,10 +68,13 @@ pub mod testing;
 pub mod validate;
 
 pub use error::{CoreError, Result, ValidationError};
+pub use fair::{FairConfig, QuotaExceeded, QuotaKind, TenantQuota, TenantQuotas, TenantUsage};
 pub use model::*;
 pub use queue::{DeadLetter, Failed, LaneStats, Queue, QueueConfig, Recorded, Submitted};
 pub use storage::{RetryPolicy, Storage, StorageOptions, StorageUrl};
-pub use validate::{LeasePolicy, Limits, control_key, image_key, manifest_key, validate_job};
+pub use validate::{
+    LeasePolicy, Limits, control_key, image_key, manifest_key, object_prefix, validate_job,
+};
 
 /// Wall-clock Unix milliseconds (records and events are read by humans and other machines, so
 /// they use wall time; leases use Redis' own clock).

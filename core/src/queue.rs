@@ -4,7 +4,7 @@
 //! # Keys
 //! | key | type | what |
 //! |---|---|---|
-//! | `pf:lane:{priority}:{variant}` | stream, group `workers` | one entry per task: `t` = task JSON, `l` = lease ms |
+//! | `pf:lane:{priority}:{variant}` | stream, group `workers` | one entry per task moved in from a backlog: `t` = task JSON, `l` = lease ms, `n` = tenant |
 //! | `pf:job:{<id>}` | hash | job record: state, counts, timestamps, last error, manifest key |
 //! | `pf:job:{<id>}:events` | stream, capped (`MAXLEN ~`) | `at` = unix ms, `e` = event JSON |
 //! | `pf:job:{<id>}:results` | hash | image index → result JSON (recorded once, `HSETNX`) |
@@ -14,6 +14,7 @@
 //! | `pf:jobs`, `pf:jobs:t:{tenant}` | sorted sets (score 0) | job ids; UUIDv7 ids sort by time |
 //! | `pf:worker:{id}` | string with TTL | worker registry entry (JSON) |
 //! | `pf:workers` | set | ids of registered workers (stale ones are pruned on listing) |
+//! | `pf:job:{<id>}:backlog:…`, `pf:fair:…`, `pf:tenant:…` | lists, hashes | per-tenant fair share: tasks wait in per-job backlogs and are moved into the lane stream in deficit-round-robin order; quotas and counters (see [`crate::fair`]) |
 //!
 //! # Leases
 //! A delivered entry stays in the group's pending list (PEL). Its *idle time* is the lease clock:
@@ -44,9 +45,10 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, instrument, warn};
 
 use crate::error::{CoreError, Result};
+use crate::fair::{BACKLOG_KEY, FairConfig, QuotaExceeded, QuotaKind, TenantQuota, TenantUsage};
 use crate::model::{
     Event, EventKind, JobCounts, JobFilter, JobId, JobRecord, JobSpec, JobState, Lane, Page,
-    PageRequest, Priority, ResultStatus, Task, TaskResult, TaskSpec, WorkerInfo,
+    PageRequest, Priority, ResultStatus, Task, TaskResult, TaskSpec, Variant, WorkerInfo,
 };
 use crate::now_ms;
 use crate::scripts::Scripts;
@@ -104,6 +106,8 @@ pub struct QueueConfig {
     /// Redis response timeout for non-blocking commands (big pipelines need more than redis-rs'
     /// 500 ms default).
     pub response_timeout: Duration,
+    /// Fair share between tenants: how lane streams are fed, and the per-tenant quotas.
+    pub fair: FairConfig,
 }
 
 impl Default for QueueConfig {
@@ -119,6 +123,7 @@ impl Default for QueueConfig {
             reclaim_interval: Duration::from_secs(1),
             worker_ttl: Duration::from_secs(30),
             response_timeout: Duration::from_secs(30),
+            fair: FairConfig::default(),
         }
     }
 }
@@ -332,77 +337,104 @@ impl Queue {
             serde_json::to_string(&spec.labels).map_err(|e| CoreError::corrupt("labels", e))?;
 
         // The job record, inline control images, indexes and the first chunk of tasks go in one
-        // MULTI/EXEC; bigger jobs continue in further chunks (each one atomic and pipelined).
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.hset_multiple(
-            &jk,
-            &[
-                ("id", job.to_string()),
-                ("tenant", spec.tenant.clone()),
-                ("state", JobState::Queued.as_str().to_string()),
-                ("priority", spec.priority.as_str().to_string()),
-                ("prefix", spec.output_prefix.clone()),
-                ("labels", labels),
-                ("idem", spec.idempotency_key.clone().unwrap_or_default()),
-                ("digest", digest.clone()),
-                ("items", spec.items.len().to_string()),
-                ("total", total.to_string()),
-                ("succeeded", "0".into()),
-                ("failed", "0".into()),
-                ("canceled", "0".into()),
-                ("created_ms", now.to_string()),
-            ],
-        )
-        .ignore();
-        for (i, item) in spec.items.iter().enumerate() {
-            if let Some(crate::model::ControlSpec {
-                source: crate::model::ControlSource::Inline(b),
-                ..
-            }) = &item.control
-            {
-                pipe.hset(controls_key(&job), i, b.as_slice()).ignore();
-            }
-        }
-        pipe.zadd(JOBS_KEY, job.as_str(), 0).ignore();
-        pipe.zadd(tenant_jobs_key(&spec.tenant), job.as_str(), 0)
-            .ignore();
+        // script, after the tenant's quota and rate limit admit the job; bigger jobs continue in
+        // further chunks (each one atomic). Tasks land in the job's backlog and reach the lane
+        // streams through the fair-share refill (see `crate::fair`).
+        let quota = self.config.fair.quotas.for_tenant(&spec.tenant);
         let ev = event_json(&EventKind::Queued { total })?;
-        pipe.cmd("XADD")
-            .arg(events_key(&job))
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.config.events_maxlen)
-            .arg("*")
-            .arg("at")
-            .arg(now)
-            .arg("e")
-            .arg(ev)
-            .ignore();
-
+        let fields: Vec<(&str, String)> = vec![
+            ("id", job.to_string()),
+            ("tenant", spec.tenant.clone()),
+            ("state", JobState::Queued.as_str().to_string()),
+            ("priority", spec.priority.as_str().to_string()),
+            ("prefix", spec.output_prefix.clone()),
+            ("labels", labels),
+            ("idem", spec.idempotency_key.clone().unwrap_or_default()),
+            ("digest", digest.clone()),
+            ("items", spec.items.len().to_string()),
+            ("total", total.to_string()),
+            ("succeeded", "0".into()),
+            ("failed", "0".into()),
+            ("canceled", "0".into()),
+            ("created_ms", now.to_string()),
+        ];
+        let idem_value = spec
+            .idempotency_key
+            .as_ref()
+            .map(|_| format!("{job} {digest}"))
+            .unwrap_or_default();
+        let fair = &self.config.fair;
         let chunk = self.config.enqueue_chunk.max(1);
-        let mut first = true;
-        for part in tasks.chunks(chunk) {
-            if !first {
-                pipe = redis::pipe();
-                pipe.atomic();
+        let parts: Vec<&[TaskSpec]> = if tasks.is_empty() {
+            vec![&tasks[..0]]
+        } else {
+            tasks.chunks(chunk).collect()
+        };
+        for (n, part) in parts.into_iter().enumerate() {
+            let sections = backlog_sections(part, spec.priority, now)?;
+            if n == 0 {
+                let mut inv = self.scripts.submit.prepare_invoke();
+                inv.key(&jk)
+                    .key(controls_key(&job))
+                    .key(events_key(&job))
+                    .key(crate::fair::tenant_key(&spec.tenant))
+                    .key(crate::fair::rate_key(&spec.tenant))
+                    .key(JOBS_KEY)
+                    .key(tenant_jobs_key(&spec.tenant))
+                    .key(idem_key(
+                        &spec.tenant,
+                        spec.idempotency_key.as_deref().unwrap_or(""),
+                    ))
+                    .arg(job.as_str())
+                    .arg(&spec.tenant)
+                    .arg(now)
+                    .arg(self.config.events_maxlen)
+                    .arg(&ev)
+                    .arg(total)
+                    .arg(quota.max_queued_tasks.unwrap_or(0))
+                    .arg(quota.max_in_flight_tasks.unwrap_or(0))
+                    .arg(quota.submit_rate.unwrap_or(0.0))
+                    .arg(quota.submit_burst.unwrap_or(1))
+                    .arg(&idem_value)
+                    .arg(fair.stream_target)
+                    .arg(fair.quantum)
+                    .arg(fields.len() * 2);
+                for (k, v) in &fields {
+                    inv.arg(*k).arg(v);
+                }
+                let controls: Vec<(usize, &[u8])> = spec
+                    .items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, item)| match &item.control {
+                        Some(crate::model::ControlSpec {
+                            source: crate::model::ControlSource::Inline(b),
+                            ..
+                        }) => Some((i, b.as_slice())),
+                        _ => None,
+                    })
+                    .collect();
+                inv.arg(controls.len() * 2);
+                for (i, b) in controls {
+                    inv.arg(i).arg(b);
+                }
+                push_sections(&mut inv, &sections);
+                let reply: Vec<Value> = inv.invoke_async(&mut c).await?;
+                admit(&spec.tenant, total, &quota, &reply)?;
+            } else {
+                let mut inv = self.scripts.append.prepare_invoke();
+                inv.key(&jk)
+                    .arg(job.as_str())
+                    .arg(&spec.tenant)
+                    .arg(fair.stream_target)
+                    .arg(fair.quantum);
+                push_sections(&mut inv, &sections);
+                let moved: i64 = inv.invoke_async(&mut c).await?;
+                if moved < 0 {
+                    info!(job = %job, "job cancelled while its tasks were being enqueued");
+                    break;
+                }
             }
-            first = false;
-            for t in part {
-                let mut t = t.clone();
-                t.submitted_ms = now;
-                let lane = Lane::new(spec.priority, t.variant());
-                let json = serde_json::to_string(&t).map_err(|e| CoreError::corrupt("task", e))?;
-                pipe.cmd("XADD")
-                    .arg(lane.key())
-                    .arg("*")
-                    .arg("t")
-                    .arg(json)
-                    .arg("l")
-                    .arg(t.lease_ms)
-                    .ignore();
-            }
-            let _: () = pipe.query_async(&mut c).await?;
         }
         info!(job = %job, total, "job enqueued");
         Ok(Submitted {
@@ -490,7 +522,8 @@ impl Queue {
         }
     }
 
-    /// Cancels a job: its state becomes `CANCELED` at once, queued tasks are dropped by workers
+    /// Cancels a job: its state becomes `CANCELED` at once, tasks still in its backlog are deleted
+    /// (freeing the tenant's queued quota), tasks already in a lane stream are dropped by workers
     /// when pulled, running ones stop between denoising steps, and nothing is recorded afterwards.
     /// Cancelling a finished job is a `Conflict`.
     #[instrument(skip(self), fields(job = %job))]
@@ -503,6 +536,8 @@ impl Queue {
             .key(events_key(job))
             .arg(now_ms())
             .arg(self.config.events_maxlen)
+            .arg(job.as_str())
+            .arg(Variant::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>())
             .invoke_async(&mut c)
             .await?;
         match code {
@@ -770,6 +805,53 @@ impl Queue {
         Ok(out)
     }
 
+    /// Tasks waiting in the fair-share backlogs of every lane (not yet in the lane stream), for
+    /// autoscaling: the stream's consumer-group lag only shows the short window refill keeps there.
+    pub async fn backlog_stats(&self) -> Result<Vec<(Lane, u64)>> {
+        let mut c = self.conn.clone();
+        let h: HashMap<String, i64> = c.hgetall(BACKLOG_KEY).await?;
+        Ok(Lane::all()
+            .into_iter()
+            .map(|lane| {
+                let n = h.get(&lane.to_string()).copied().unwrap_or(0).max(0) as u64;
+                (lane, n)
+            })
+            .collect())
+    }
+
+    /// A tenant's live counters (what the quotas are checked against).
+    pub async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage> {
+        let mut c = self.conn.clone();
+        let (queued, in_flight): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(crate::fair::tenant_key(tenant))
+            .arg("queued")
+            .arg("in_flight")
+            .query_async(&mut c)
+            .await?;
+        Ok(TenantUsage {
+            queued: queued.unwrap_or(0).max(0) as u64,
+            in_flight: in_flight.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    /// Tops up the streams of `lanes` from the tenants' backlogs in deficit-round-robin order
+    /// (one script call; a no-op for full streams). Submit and acknowledgement refill their own
+    /// lanes; `pull` calls this too so a lane never waits on a backlog. Returns the tasks moved.
+    pub async fn refill(&self, lanes: &[Lane]) -> Result<u64> {
+        if lanes.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.conn.clone();
+        let mut inv = self.scripts.refill.prepare_invoke();
+        inv.arg(self.config.fair.stream_target)
+            .arg(self.config.fair.quantum);
+        for lane in lanes {
+            inv.arg(lane.to_string());
+        }
+        let moved: i64 = inv.invoke_async(&mut c).await?;
+        Ok(moved.max(0) as u64)
+    }
+
     // ------------------------------------------------------------------------------------------
     // Worker side
     // ------------------------------------------------------------------------------------------
@@ -856,6 +938,7 @@ impl Queue {
         if self.reclaim_due() {
             tasks.extend(self.reclaim(worker, lanes, max_batch).await?);
         }
+        self.refill(lanes).await?;
         let mut c = self.conn.clone();
         for lane in lanes {
             if tasks.len() >= max_batch {
@@ -1237,7 +1320,10 @@ impl Queue {
         let mut c = self.conn.clone();
         for (lane, ids) in by_lane {
             let mut inv = self.scripts.ack.key(lane.key());
-            inv.arg(GROUP);
+            inv.arg(GROUP)
+                .arg(lane.to_string())
+                .arg(self.config.fair.stream_target)
+                .arg(self.config.fair.quantum);
             for id in ids {
                 inv.arg(id);
             }
@@ -1363,7 +1449,10 @@ impl Queue {
             serde_json::to_writer(&mut body, r).map_err(|e| CoreError::corrupt("result", e))?;
             body.push(b'\n');
         }
-        let key = manifest_key(&rec.output_prefix, job);
+        let key = manifest_key(
+            &crate::validate::object_prefix(&rec.tenant, &rec.output_prefix),
+            job,
+        );
         storage
             .put(&key, Bytes::from(body), "application/x-ndjson")
             .await?;
@@ -1371,6 +1460,88 @@ impl Queue {
         let _: () = c.hset(job_key(job), "manifest_key", &key).await?;
         info!(key, lines = results.len(), "manifest written");
         Ok(key)
+    }
+}
+
+/// Backlog entries of one submit chunk, grouped by lane in index order: `(lane name, entries)`,
+/// each entry `"<lease_ms> <task JSON>"` (the lease travels separately into the stream entry).
+fn backlog_sections(
+    part: &[TaskSpec],
+    priority: Priority,
+    now: u64,
+) -> Result<Vec<(String, Vec<String>)>> {
+    let mut by_lane: BTreeMap<Lane, Vec<String>> = BTreeMap::new();
+    for t in part {
+        let mut t = t.clone();
+        t.submitted_ms = now;
+        let json = serde_json::to_string(&t).map_err(|e| CoreError::corrupt("task", e))?;
+        by_lane
+            .entry(Lane::new(priority, t.variant()))
+            .or_default()
+            .push(format!("{} {json}", t.lease_ms));
+    }
+    Ok(by_lane
+        .into_iter()
+        .map(|(lane, v)| (lane.to_string(), v))
+        .collect())
+}
+
+fn push_sections(inv: &mut redis::ScriptInvocation<'_>, sections: &[(String, Vec<String>)]) {
+    inv.arg(sections.len());
+    for (lane, entries) in sections {
+        inv.arg(lane).arg(entries.len());
+        for e in entries {
+            inv.arg(e);
+        }
+    }
+}
+
+/// Turns the submit script's admission verdict into `Ok` or a `QuotaExceeded` naming the quota
+/// and the numbers.
+fn admit(tenant: &str, total: u64, quota: &TenantQuota, reply: &[Value]) -> Result<()> {
+    let text = |i: usize| {
+        reply
+            .get(i)
+            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+            .unwrap_or_default()
+    };
+    let num = |i: usize| {
+        reply
+            .get(i)
+            .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+            .unwrap_or(0)
+            .max(0) as u64
+    };
+    match text(0).as_str() {
+        "ok" => Ok(()),
+        "queued" => {
+            let (queued, limit) = (num(1), num(2));
+            Err(CoreError::QuotaExceeded(Box::new(QuotaExceeded {
+                tenant: tenant.to_string(),
+                quota: QuotaKind::MaxQueuedTasks,
+                message: format!(
+                    "tenant `{tenant}` has {queued} tasks queued; {total} more would exceed its \
+                     max_queued_tasks quota of {limit} (wait for tasks to finish, or cancel some)"
+                ),
+                retry_after: None,
+            })))
+        }
+        "rate" => {
+            let wait = Duration::from_millis(num(1).max(1));
+            let rate = quota.submit_rate.unwrap_or(0.0);
+            let burst = quota.submit_burst.unwrap_or(1);
+            Err(CoreError::QuotaExceeded(Box::new(QuotaExceeded {
+                tenant: tenant.to_string(),
+                quota: QuotaKind::SubmitRate,
+                message: format!(
+                    "tenant `{tenant}` is over its submit_rate quota of {rate} jobs/s \
+                     (burst {burst}); retry after {} ms",
+                    wait.as_millis()
+                ),
+                retry_after: Some(wait),
+            })))
+        }
+        other => Err(CoreError::corrupt("submit script reply", other)),
     }
 }
 

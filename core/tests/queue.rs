@@ -54,13 +54,22 @@ fn ok_result(task: &Task, worker: &str) -> TaskResult {
     )
 }
 
+/// Tasks of a lane not yet acknowledged: stream entries plus the fair-share backlog.
 async fn lane_len(q: &Queue, lane: Lane) -> Result<u64> {
+    let backlog = q
+        .backlog_stats()
+        .await?
+        .into_iter()
+        .find(|(l, _)| *l == lane)
+        .map(|(_, n)| n)
+        .unwrap_or(0);
     Ok(q.lane_stats()
         .await?
         .into_iter()
         .find(|s| s.lane == lane)
         .map(|s| s.length)
-        .unwrap_or(0))
+        .unwrap_or(0)
+        + backlog)
 }
 
 async fn pull_all(q: &Queue, worker: &str, want: usize) -> Result<Vec<Task>> {
@@ -268,7 +277,7 @@ async fn complete_records_once_and_finishes_the_job() -> Result<()> {
     assert!(page2.next_token.is_none());
 
     let key = q.write_manifest(&id, &storage).await?;
-    assert_eq!(key, format!("runs/{id}/manifest.jsonl"));
+    assert_eq!(key, format!("default/runs/{id}/manifest.jsonl"));
     let body = storage.get(&key).await?;
     let lines: Vec<TaskResult> = String::from_utf8(body.to_vec())?
         .lines()
@@ -277,7 +286,7 @@ async fn complete_records_once_and_finishes_the_job() -> Result<()> {
     assert_eq!(lines.len(), 4);
     assert_eq!(
         lines[2].key.as_deref(),
-        Some(format!("runs/{id}/000002.png").as_str())
+        Some(format!("default/runs/{id}/000002.png").as_str())
     );
     assert_eq!(lines[2].seed, 20);
     assert_eq!(

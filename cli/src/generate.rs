@@ -70,6 +70,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             dtype,
             offload_text_encoder: false,
             timestep_spacing: TimestepSpacing::default(),
+            controlnet: None,
         },
     )
     .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
@@ -82,6 +83,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         items: vec![RenderItem {
             prompt: args.prompt.clone(),
             seed: args.seed,
+            control: None,
         }],
     };
     let bar = ProgressBar::new(args.steps as u64);

@@ -46,6 +46,7 @@ fn main() -> Result<()> {
                 .map(|i| RenderItem {
                     prompt: format!("a red fox number {i} in the snow"),
                     seed: i as u64,
+                    control: None,
                 })
                 .collect(),
         };

@@ -3,8 +3,8 @@
 //! implementation can be compared with ours on exactly the same inputs.
 //!
 //! ```text
-//! cargo run --release -p pixart --example conformance -- transformer --model DIR --inputs IN --out OUT
-//! cargo run --release -p pixart --example conformance -- lcm --model DIR --scheduler DIR --inputs IN --out OUT
+//! cargo run --release -p pixart --example conformance -- transformer --model DIR [--controlnet DIR] --inputs IN --out OUT
+//! cargo run --release -p pixart --example conformance -- lcm --model DIR --scheduler DIR [--controlnet DIR] --inputs IN --out OUT
 //! cargo run --release -p pixart --example conformance -- vae-decode --vae DIR --inputs IN --out OUT
 //! cargo run --release -p pixart --example conformance -- vae-encode --vae DIR --inputs IN --out OUT
 //! cargo run --release -p pixart --example conformance -- t5 --text-encoder DIR --inputs IN --out OUT
@@ -160,12 +160,13 @@ fn mask_as_f32(mask: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------------------
 
 fn run_transformer(a: &TransformerArgs) -> Result<()> {
-    if a.controlnet.is_some() {
-        bail!(
-            "transformer --controlnet is not supported yet (the ControlNet adapter lands in a later issue)"
-        );
+    match &a.controlnet {
+        // `controlnet_cond` and the optional `conditioning_scale` join the inputs.
+        Some(adapter) => {
+            pixart::controlnet::conformance::run_files(&a.model, adapter, &a.inputs, &a.out)?
+        }
+        None => pixart::transformer::conformance::run_files(&a.model, &a.inputs, &a.out)?,
     }
-    pixart::transformer::conformance::run_files(&a.model, &a.inputs, &a.out)?;
     Ok(())
 }
 
@@ -175,17 +176,25 @@ fn run_transformer(a: &TransformerArgs) -> Result<()> {
 
 fn run_lcm(a: &LcmArgs) -> Result<()> {
     use pixart::pipeline::{TimestepSpacing, conformance};
-    if a.controlnet.is_some() {
-        bail!(
-            "lcm --controlnet is not supported yet (the ControlNet adapter lands in a later issue)"
-        );
-    }
     let transformer =
         pixart::transformer::PixArtTransformer::load(&a.model, DType::F32, &Device::Cpu)?;
+    let adapter = a
+        .controlnet
+        .as_ref()
+        .map(|dir| {
+            pixart::controlnet::ControlNetAdapter::load(
+                dir,
+                &transformer.config,
+                DType::F32,
+                &Device::Cpu,
+            )
+        })
+        .transpose()?;
     let scheduler = pixart::scheduler::LcmSchedulerConfig::from_path(&a.scheduler)?;
     let inputs = load_inputs(&a.inputs)?;
-    let out = conformance::lcm(
+    let out = conformance::lcm_controlled(
         &transformer,
+        adapter.as_ref(),
         &scheduler,
         TimestepSpacing::Diffusers,
         &inputs,

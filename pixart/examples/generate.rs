@@ -100,6 +100,7 @@ fn main() -> Result<()> {
         } else {
             TimestepSpacing::Diffusers
         },
+        controlnet: None,
     };
     let t0 = Instant::now();
     let mut pipe = Pipeline::load(&source, opts)?;
@@ -117,6 +118,7 @@ fn main() -> Result<()> {
             .map(|&seed| RenderItem {
                 prompt: args.prompt.clone(),
                 seed,
+                control: None,
             })
             .collect(),
     };

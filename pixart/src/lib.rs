@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`pipeline`] | [`pipeline::Pipeline`]: load, validate, batched `render` with per-item seeds, progress and cancel; the conformance entry points |
 //! | [`transformer`], [`attention`], [`embeddings`], [`config`], [`weights`], [`kernels`] | the PixArt-α DiT (`PixArtTransformer2DModel`) and its weight loading |
+//! | [`controlnet`] | the PixArt-δ ControlNet-Transformer adapter (diffusers-community layout) and the `.pth` converter |
 //! | [`scheduler`] | the LCM sampler (diffusers ≥ 0.24 or original timesteps) and the seeded noise streams |
 //! | [`text_encoder`] | T5 tokenizer (`tokenizer.json`) and the T5-v1.1 encoder with exact padding handling |
 //! | [`vae`] | the SD VAE: decode, and encode to the deterministic posterior mean |
@@ -27,7 +28,7 @@
 //!     width: 1024,
 //!     height: 768,
 //!     steps: 4,
-//!     items: vec![RenderItem { prompt: "a lighthouse in a storm".into(), seed: 7 }],
+//!     items: vec![RenderItem { prompt: "a lighthouse in a storm".into(), seed: 7, control: None }],
 //! };
 //! let images = pipe.render(&request, &mut |p| {
 //!     eprintln!("step {}/{}", p.step, p.total);
@@ -39,6 +40,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod controlnet;
 pub mod embeddings;
 pub mod error;
 pub mod image_ops;

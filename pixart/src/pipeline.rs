@@ -18,13 +18,20 @@
 //!    aspect ratio of the binned size, in pixels) only when the model uses them;
 //! 6. VAE-decode item by item (bounded memory) in f32, resize + centre-crop back to the request.
 //!
+//! ControlNet (PixArt-δ, [`crate::controlnet`]): with `PipelineOptions::controlnet` set, items may carry a
+//! [`ControlInput`] — an edge map already at the generation size and a scale in `[0, 2]`. The edge map is
+//! normalised to `[−1, 1]` (3 channels) and VAE-encoded to the posterior mean × scaling factor once per render;
+//! every LCM step then runs the adapter. A batch may mix controlled and uncontrolled items: uncontrolled rows get
+//! a zero control latent and scale 0, which leaves their base stream bit-for-bit unchanged (so an uncontrolled
+//! image does not depend on its controlled neighbours).
+//!
 //! ```no_run
 //! use pixart::pipeline::*;
 //! # fn main() -> pixart::Result<()> {
 //! let mut pipe = Pipeline::load(&ModelSource::Dir("models/tiny-pixart-lcm".into()), PipelineOptions::default())?;
 //! let req = RenderRequest {
 //!     width: 64, height: 64, steps: 4,
-//!     items: vec![RenderItem { prompt: "a red fox in the snow".into(), seed: 7 }],
+//!     items: vec![RenderItem { prompt: "a red fox in the snow".into(), seed: 7, control: None }],
 //! };
 //! let images = pipe.render(&req, &mut |_p| Control::Continue)?;
 //! std::fs::write("fox.png", pixart::image_ops::encode_png(&images[0].image)?).unwrap();
@@ -35,8 +42,10 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::controlnet::{ControlCondition, ControlNetAdapter};
 use crate::image_ops::{
-    AspectRatioTable, classify_height_width_bin, resize_and_crop_tensor, tensor_to_images,
+    AspectRatioTable, classify_height_width_bin, image_to_tensor, resize_and_crop_tensor,
+    tensor_to_images,
 };
 use crate::loading::{ModelPaths, resolve};
 use crate::scheduler::{LcmScheduler, LcmSchedulerConfig, SeededNoise};
@@ -76,6 +85,9 @@ pub struct PipelineOptions {
     /// Drop the T5 encoder from device memory after each encode (re-loaded on demand).
     pub offload_text_encoder: bool,
     pub timestep_spacing: TimestepSpacing,
+    /// A ControlNet-Transformer adapter directory (diffusers-community layout: `config.json` with
+    /// `num_layers` + `diffusion_pytorch_model.safetensors`), loaded with the transformer's dtype.
+    pub controlnet: Option<PathBuf>,
 }
 
 /// One image to render: a prompt and the seed that fixes its noise.
@@ -83,6 +95,18 @@ pub struct PipelineOptions {
 pub struct RenderItem {
     pub prompt: String,
     pub seed: u64,
+    /// Edge-map guidance; needs a pipeline loaded with a ControlNet adapter.
+    pub control: Option<ControlInput>,
+}
+
+/// The control image of one item.
+#[derive(Debug, Clone)]
+pub struct ControlInput {
+    /// The edge map (white edges on black, as HED/Canny produce), already at the generation size
+    /// ([`Pipeline::generation_size`]); `crate::control` resizes and centre-crops user images to it.
+    pub edge_map: image::RgbImage,
+    /// `conditioning_scale`, in `[0, MAX_CONTROL_SCALE]`: multiplies every adapter output (0 = no control).
+    pub scale: f32,
 }
 
 /// A batch of images that share size and step count, rendered as one batched forward per step.
@@ -123,9 +147,14 @@ impl Default for PipelineOptions {
             dtype: DType::F32,
             offload_text_encoder: false,
             timestep_spacing: TimestepSpacing::Diffusers,
+            controlnet: None,
         }
     }
 }
+
+/// Largest accepted `conditioning_scale`. Beyond 2 the adapter's residuals dominate the base stream and images
+/// fall apart; the issue and the farm's validation use the same bound.
+pub const MAX_CONTROL_SCALE: f32 = 2.0;
 
 /// Largest width or height accepted (px). 4096 px is a 512×512 latent, 65,536 image tokens: far
 /// outside what PixArt was trained on and already at the edge of one GPU's memory.
@@ -186,6 +215,33 @@ pub fn sample_lcm(
     noise: &mut dyn FnMut(usize) -> Result<Tensor>,
     on_step: &mut dyn FnMut(StepProgress) -> Control,
 ) -> Result<Tensor> {
+    sample_lcm_controlled(
+        transformer,
+        None,
+        scheduler,
+        latents,
+        y,
+        mask,
+        res_ar,
+        noise,
+        on_step,
+    )
+}
+
+/// [`sample_lcm`] with an optional ControlNet adapter and its control input, used at every step (the control
+/// latents do not change between steps).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_lcm_controlled(
+    transformer: &PixArtTransformer,
+    control: Option<(&ControlNetAdapter, &ControlCondition<'_>)>,
+    scheduler: &LcmScheduler,
+    latents: &Tensor,
+    y: &Tensor,
+    mask: &Tensor,
+    res_ar: Option<(&Tensor, &Tensor)>,
+    noise: &mut dyn FnMut(usize) -> Result<Tensor>,
+    on_step: &mut dyn FnMut(StepProgress) -> Control,
+) -> Result<Tensor> {
     let cfg = &transformer.config;
     let (b, c, _, _) = latents.dims4()?;
     if c != cfg.in_channels {
@@ -200,7 +256,12 @@ pub fn sample_lcm(
     for (i, &t) in scheduler.timesteps().iter().enumerate() {
         let _span = tracing::debug_span!("lcm_step", step = i, timestep = t, batch = b).entered();
         let ts = Tensor::full(t as f32, b, &device)?;
-        let out = transformer.forward(&x, &ts, y, Some(mask), res_ar)?;
+        let out = match control {
+            Some((adapter, cond)) => {
+                adapter.forward(transformer, &x, &ts, y, Some(mask), res_ar, cond)?
+            }
+            None => transformer.forward(&x, &ts, y, Some(mask), res_ar)?,
+        };
         // Learned sigma: keep the ε half (diffusers: `out_channels // 2 == latent_channels`).
         let eps = if cfg.out_channels == 2 * c {
             out.narrow(1, 0, c)?
@@ -233,6 +294,7 @@ pub struct Pipeline {
     tokenizer: T5Tokenizer,
     text_encoder: Option<TextEncoder>,
     transformer: PixArtTransformer,
+    controlnet: Option<ControlNetAdapter>,
     vae: Vae,
     scheduler_config: LcmSchedulerConfig,
     aspect_table: Option<AspectRatioTable>,
@@ -271,6 +333,11 @@ impl Pipeline {
         let tokenizer = T5Tokenizer::from_dir(&paths.tokenizer)?;
         let scheduler_config = LcmSchedulerConfig::from_path(&paths.scheduler)?;
         let transformer = PixArtTransformer::load(&paths.transformer, opts.dtype, &opts.device)?;
+        let controlnet = opts
+            .controlnet
+            .as_ref()
+            .map(|dir| ControlNetAdapter::load(dir, &transformer.config, opts.dtype, &opts.device))
+            .transpose()?;
         let vae = Vae::load(&paths.vae, &opts.device)?;
         let text_encoder = if opts.offload_text_encoder {
             None
@@ -312,6 +379,7 @@ impl Pipeline {
             tokenizer,
             text_encoder,
             transformer,
+            controlnet,
             vae,
             scheduler_config,
             aspect_table,
@@ -332,6 +400,15 @@ impl Pipeline {
 
     pub fn vae(&self) -> &Vae {
         &self.vae
+    }
+
+    /// Whether a ControlNet adapter is loaded (items with a [`ControlInput`] are accepted).
+    pub fn has_controlnet(&self) -> bool {
+        self.controlnet.is_some()
+    }
+
+    pub fn controlnet(&self) -> Option<&ControlNetAdapter> {
+        self.controlnet.as_ref()
     }
 
     pub fn tokenizer(&self) -> &T5Tokenizer {
@@ -390,7 +467,89 @@ impl Pipeline {
                 });
             }
         }
+        let (gen_w, gen_h) = self.generation_size(req.width, req.height);
+        for (i, control) in req
+            .items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, it)| it.control.as_ref().map(|c| (i, c)))
+        {
+            if self.controlnet.is_none() {
+                return Err(Error::InvalidInput {
+                    field: "control",
+                    message: format!(
+                        "item {i}: has a control image but no ControlNet adapter is loaded \
+                         (set PipelineOptions::controlnet)"
+                    ),
+                });
+            }
+            let (w, h) = control.edge_map.dimensions();
+            if (w, h) != (gen_w, gen_h) {
+                return Err(Error::InvalidInput {
+                    field: "control.edge_map",
+                    message: format!(
+                        "item {i}: the edge map is {w}×{h} px but this request renders at {gen_w}×{gen_h} \
+                         (resize and centre-crop it to the generation size first)"
+                    ),
+                });
+            }
+            if !(0.0..=MAX_CONTROL_SCALE).contains(&control.scale) {
+                return Err(Error::InvalidInput {
+                    field: "control.scale",
+                    message: format!(
+                        "item {i}: must be between 0 and {MAX_CONTROL_SCALE}, got {}",
+                        control.scale
+                    ),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// Control latents `(B, C, h, w)` and per-row scales for a batch, or `None` when no item is controlled.
+    /// Edge maps are encoded one by one (bounded memory); uncontrolled rows get zeros and scale 0.
+    pub fn control_latents(
+        &self,
+        items: &[RenderItem],
+        latent_h: usize,
+        latent_w: usize,
+    ) -> Result<Option<(Tensor, Vec<f32>)>> {
+        if items.iter().all(|i| i.control.is_none()) {
+            return Ok(None);
+        }
+        let _s = tracing::info_span!("encode_controls").entered();
+        let c = self.transformer.config.in_channels;
+        let mut rows = Vec::with_capacity(items.len());
+        let mut scales = Vec::with_capacity(items.len());
+        for item in items {
+            match &item.control {
+                Some(ctrl) => {
+                    let img = image_to_tensor(&ctrl.edge_map, &self.opts.device)?;
+                    let z = self.vae.encode_mean(&img)?.to_dtype(DType::F32)?;
+                    let (_, zc, zh, zw) = z.dims4()?;
+                    if (zc, zh, zw) != (c, latent_h, latent_w) {
+                        return Err(Error::InvalidInput {
+                            field: "control.edge_map",
+                            message: format!(
+                                "encodes to {:?}, expected (1, {c}, {latent_h}, {latent_w})",
+                                z.dims()
+                            ),
+                        });
+                    }
+                    rows.push(z);
+                    scales.push(ctrl.scale);
+                }
+                None => {
+                    rows.push(Tensor::zeros(
+                        (1, c, latent_h, latent_w),
+                        DType::F32,
+                        &self.opts.device,
+                    )?);
+                    scales.push(0.0);
+                }
+            }
+        }
+        Ok(Some((Tensor::cat(&rows, 0)?, scales)))
     }
 
     /// The size actually rendered for a request (the aspect-ratio bin, or the request itself),
@@ -478,11 +637,43 @@ impl Pipeline {
         noise: &mut dyn FnMut(usize) -> Result<Tensor>,
         on_step: &mut dyn FnMut(StepProgress) -> Control,
     ) -> Result<Tensor> {
+        self.denoise_controlled(latents, y, mask, None, steps, gen_w, gen_h, noise, on_step)
+    }
+
+    /// [`Pipeline::denoise`] with control latents `(B, C, h, w)` and per-row scales (see
+    /// [`Pipeline::control_latents`]); needs the adapter.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_controlled(
+        &self,
+        latents: &Tensor,
+        y: &Tensor,
+        mask: &Tensor,
+        control: Option<(&Tensor, &[f32])>,
+        steps: usize,
+        gen_w: u32,
+        gen_h: u32,
+        noise: &mut dyn FnMut(usize) -> Result<Tensor>,
+        on_step: &mut dyn FnMut(StepProgress) -> Control,
+    ) -> Result<Tensor> {
         let scheduler = self.scheduler(steps)?;
         let b = latents.dim(0)?;
         let mc = self.micro_conditions(b, gen_w, gen_h)?;
-        sample_lcm(
+        let cond = match control {
+            Some((latents, scale)) => {
+                let adapter = self
+                    .controlnet
+                    .as_ref()
+                    .ok_or_else(|| Error::InvalidInput {
+                        field: "control",
+                        message: "control latents given but no ControlNet adapter is loaded".into(),
+                    })?;
+                Some((adapter, ControlCondition { latents, scale }))
+            }
+            None => None,
+        };
+        sample_lcm_controlled(
             &self.transformer,
+            cond.as_ref().map(|(a, c)| (*a, c)),
             &scheduler,
             latents,
             y,
@@ -538,6 +729,7 @@ impl Pipeline {
         let (lh, lw) = ((gen_h / f) as usize, (gen_w / f) as usize);
         let seeds: Vec<u64> = req.items.iter().map(|i| i.seed).collect();
         let (latents, mut streams) = self.initial_latents(&seeds, lh, lw)?;
+        let control = self.control_latents(&req.items, lh, lw)?;
         let c = self.transformer.config.in_channels;
         let device = self.opts.device.clone();
         let mut noise = |_i: usize| -> Result<Tensor> {
@@ -547,8 +739,16 @@ impl Pipeline {
                 .collect::<Result<Vec<_>>>()?;
             Ok(Tensor::stack(&rows, 0)?)
         };
-        let latents = self.denoise(
-            &latents, &y, &mask, req.steps, gen_w, gen_h, &mut noise, on_step,
+        let latents = self.denoise_controlled(
+            &latents,
+            &y,
+            &mask,
+            control.as_ref().map(|(z, s)| (z, s.as_slice())),
+            req.steps,
+            gen_w,
+            gen_h,
+            &mut noise,
+            on_step,
         )?;
         let images = {
             let _s = tracing::info_span!("decode").entered();
@@ -569,7 +769,8 @@ pub mod conformance {
 
     use candle_core::{DType, Device, Tensor};
 
-    use super::{Control, TimestepSpacing, sample_lcm};
+    use super::{Control, TimestepSpacing, sample_lcm_controlled};
+    use crate::controlnet::{ControlCondition, ControlNetAdapter};
     use crate::scheduler::{LcmScheduler, LcmSchedulerConfig};
     use crate::text_encoder::TextEncoder;
     use crate::transformer::PixArtTransformer;
@@ -605,6 +806,44 @@ pub mod conformance {
         spacing: TimestepSpacing,
         inputs: &Tensors,
     ) -> Result<Tensors> {
+        lcm_controlled(transformer, None, scheduler, spacing, inputs)
+    }
+
+    /// `lcm --controlnet` mode: [`lcm`] plus `controlnet_cond` (B, C, H, W) and optional
+    /// `conditioning_scale` (1,) — or one value per row — when `adapter` is given. Control inputs
+    /// without an adapter are an error, not silently ignored.
+    pub fn lcm_controlled(
+        transformer: &PixArtTransformer,
+        adapter: Option<&ControlNetAdapter>,
+        scheduler: &LcmSchedulerConfig,
+        spacing: TimestepSpacing,
+        inputs: &Tensors,
+    ) -> Result<Tensors> {
+        let control = match adapter {
+            Some(a) => Some((
+                a,
+                input(inputs, "controlnet_cond")?.clone(),
+                crate::controlnet::conformance::conditioning_scale(inputs)?,
+            )),
+            None => {
+                if inputs.contains_key("controlnet_cond") {
+                    return Err(Error::Tensor {
+                        name: "controlnet_cond".into(),
+                        message: "given but no ControlNet adapter was loaded (--controlnet)".into(),
+                    });
+                }
+                None
+            }
+        };
+        let cond = control.as_ref().map(|(a, z, s)| {
+            (
+                *a,
+                ControlCondition {
+                    latents: z,
+                    scale: s,
+                },
+            )
+        });
         let latents = input(inputs, "latents")?;
         rank(latents, "latents", 4, "(B, C, H, W)")?;
         let y = input(inputs, "encoder_hidden_states")?;
@@ -648,8 +887,9 @@ pub mod conformance {
         };
         let mut noise =
             |i: usize| -> Result<Tensor> { Ok(noise_all.as_ref().expect("steps > 1").get(i)?) };
-        let out = sample_lcm(
+        let out = sample_lcm_controlled(
             transformer,
+            cond.as_ref().map(|(a, c)| (*a, c)),
             &sched,
             latents,
             y,

@@ -55,6 +55,7 @@ fn hub_cache_snapshot_resolves_offline() -> Result<()> {
         items: vec![RenderItem {
             prompt: "a cat".into(),
             seed: 1,
+            control: None,
         }],
     };
     assert_eq!(

@@ -145,6 +145,7 @@ fn request(items: &[(&str, u64)], width: u32, height: u32, steps: usize) -> Rend
             .map(|&(p, s)| RenderItem {
                 prompt: p.into(),
                 seed: s,
+                control: None,
             })
             .collect(),
     }

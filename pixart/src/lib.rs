@@ -8,6 +8,7 @@
 //! |---|---|
 //! | [`pipeline`] | [`pipeline::Pipeline`]: load, validate, batched `render` with per-item seeds, progress and cancel; the conformance entry points |
 //! | [`transformer`], [`attention`], [`embeddings`], [`config`], [`weights`], [`kernels`] | the PixArt-α DiT (`PixArtTransformer2DModel`) and its weight loading |
+//! | [`control`] | control images: resize + centre crop to the bin, Canny (OpenCV-exact), the HED edge network |
 //! | [`controlnet`] | the PixArt-δ ControlNet-Transformer adapter (diffusers-community layout) and the `.pth` converter |
 //! | [`scheduler`] | the LCM sampler (diffusers ≥ 0.24 or original timesteps) and the seeded noise streams |
 //! | [`text_encoder`] | T5 tokenizer (`tokenizer.json`) and the T5-v1.1 encoder with exact padding handling |
@@ -40,6 +41,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod control;
 pub mod controlnet;
 pub mod embeddings;
 pub mod error;
@@ -53,4 +55,7 @@ pub mod transformer;
 pub mod vae;
 pub mod weights;
 
+pub use control::{
+    DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, Hed, canny, check_control_image_size, resize_center_crop,
+};
 pub use error::{Error, Result};

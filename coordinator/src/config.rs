@@ -49,6 +49,11 @@ pub struct CoordinatorConfig {
     /// Lifetime of presigned result URLs, in seconds.
     #[arg(long, env = "PIXFARM_PRESIGN_EXPIRY_SECS", default_value_t = 3600)]
     pub presign_expiry_secs: u64,
+
+    /// Serve Prometheus metrics on `http://ADDR/metrics` (e.g. `0.0.0.0:9090`).
+    /// Off when unset; kept off the gRPC port so scrapes never queue behind clients.
+    #[arg(long, env = "PIXFARM_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl CoordinatorConfig {
@@ -63,6 +68,7 @@ impl CoordinatorConfig {
             lease_per_step_mpix_ms: LeasePolicy::default().per_step_megapixel_ms,
             max_message_bytes: 64 * 1024 * 1024,
             presign_expiry_secs: 3600,
+            metrics_addr: None,
         }
     }
 

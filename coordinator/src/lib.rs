@@ -28,6 +28,7 @@
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod metrics;
 pub mod service;
 
 use std::future::Future;
@@ -52,6 +53,8 @@ pub enum CoordinatorError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// Connects to Redis and the store named in `config`, then serves until
@@ -64,6 +67,11 @@ pub async fn serve(
     let queue = Queue::connect(&config.redis_url, config.queue_config()).await?;
     queue.ensure_groups().await?;
     let storage = Storage::open_with(&config.storage_url, config.storage_options()).await?;
+    // Held until the gRPC server stops; dropping it stops /metrics too.
+    let _metrics = match config.metrics_addr {
+        Some(addr) => Some(metrics::start(addr, queue.clone()).await?),
+        None => None,
+    };
     let service = FarmService::new(queue, storage, config.default_size);
     serve_with(service, config.max_message_bytes, listener, shutdown).await
 }
@@ -83,7 +91,7 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(pixfarm_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let farm = FarmServer::new(service.clone())
+    let farm = FarmServer::new(metrics::Metered::new(service.clone()))
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     let addr = listener.local_addr()?;

@@ -31,6 +31,8 @@ use pixfarm_proto::v1::farm_client::FarmClient;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+pub mod prom;
+
 /// The bundled tiny checkpoint.
 pub fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-pixart-lcm")
@@ -80,6 +82,10 @@ pub struct FarmOptions {
     pub heartbeat_ms: u64,
     /// Extra worker environment.
     pub worker_env: Vec<(String, String)>,
+    /// Serve the coordinator's `/metrics` ([`Farm::coordinator_metrics`]).
+    pub coordinator_metrics: bool,
+    /// Give each worker a `/metrics` port ([`WorkerProcess::metrics_addr`]).
+    pub worker_metrics: bool,
 }
 
 impl Default for FarmOptions {
@@ -92,6 +98,8 @@ impl Default for FarmOptions {
             max_batch: 8,
             heartbeat_ms: 500,
             worker_env: Vec::new(),
+            coordinator_metrics: false,
+            worker_metrics: false,
         }
     }
 }
@@ -101,6 +109,8 @@ pub struct WorkerProcess {
     pub id: String,
     pub child: Child,
     pub log: PathBuf,
+    /// Where its `/metrics` is served, when [`FarmOptions::worker_metrics`] is set.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerProcess {
@@ -140,6 +150,8 @@ pub struct Farm {
     pub options: FarmOptions,
     pub workers: Vec<WorkerProcess>,
     pub logs: tempfile::TempDir,
+    /// The coordinator's `/metrics`, when [`FarmOptions::coordinator_metrics`] is set.
+    pub coordinator_metrics: Option<pixfarm_coordinator::metrics::MetricsServer>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -174,6 +186,12 @@ impl Farm {
         let queue = Queue::connect(&redis.url(), queue_config(&options)).await?;
         queue.ensure_groups().await?;
         let service = FarmService::new(queue.clone(), storage.clone(), (64, 64));
+        let coordinator_metrics = if options.coordinator_metrics {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            Some(pixfarm_coordinator::metrics::start_on(l, queue.clone())?)
+        } else {
+            None
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, rx) = oneshot::channel::<()>();
@@ -193,6 +211,7 @@ impl Farm {
             options,
             workers: Vec::new(),
             logs: tempfile::Builder::new().prefix("pixfarm-e2e-").tempdir()?,
+            coordinator_metrics,
             stop: Some(stop),
             server: Some(server),
         })
@@ -231,6 +250,14 @@ impl Farm {
             .envs(o.worker_env.iter().cloned())
             .stdout(out.try_clone()?)
             .stderr(out);
+        let metrics_addr = if o.worker_metrics {
+            // A port that was free a moment ago; the worker fails loudly if it was taken meanwhile.
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            cmd.env("PIXFARM_METRICS_ADDR", addr.to_string());
+            Some(addr)
+        } else {
+            None
+        };
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start the worker {}", worker_bin().display()))?;
@@ -238,6 +265,7 @@ impl Farm {
             id: id.to_string(),
             child,
             log,
+            metrics_addr,
         });
         Ok(())
     }

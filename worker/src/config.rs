@@ -94,6 +94,10 @@ pub struct WorkerConfig {
     /// Keep the T5 encoder off the device between encodes (saves memory on small GPUs).
     #[arg(long, env = "PIXFARM_OFFLOAD_TEXT_ENCODER", default_value_t = false)]
     pub offload_text_encoder: bool,
+
+    /// Serve Prometheus metrics on `http://ADDR/metrics` (e.g. `0.0.0.0:9091`). Off when unset.
+    #[arg(long, env = "PIXFARM_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -115,6 +119,7 @@ impl Default for WorkerConfig {
             upload_depth: 2,
             step_events: true,
             offload_text_encoder: false,
+            metrics_addr: None,
         }
     }
 }

@@ -23,6 +23,7 @@
 pub mod config;
 pub mod engine;
 pub mod grouping;
+pub mod metrics;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub enum WorkerError {
     Core(#[from] CoreError),
     #[error("the engine thread stopped unexpectedly")]
     EngineStopped,
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// Tasks this worker holds (pulled, not yet acknowledged): the heartbeat extends their leases.
@@ -84,6 +87,7 @@ impl Shared {
         for t in tasks {
             h.tasks.insert(t.entry_id.clone(), t.clone());
         }
+        metrics::tasks_in_flight(h.tasks.len());
     }
 
     async fn release(&self, tasks: &[Task]) {
@@ -92,6 +96,7 @@ impl Shared {
             h.tasks.remove(&t.entry_id);
             h.lost.remove(&t.entry_id);
         }
+        metrics::tasks_in_flight(h.tasks.len());
     }
 
     async fn set_state(&self, state: WorkerState, batch: usize) {
@@ -119,6 +124,11 @@ pub async fn run(
     });
     info!(worker = %worker_id, device = %device_spec.describe(), ?dtype, lanes = ?config.lanes, "starting worker");
 
+    // Up before the model loads, so a slow load is visible as a live endpoint with no tasks.
+    let _metrics = match config.metrics_addr {
+        Some(addr) => Some(metrics::start(addr, &worker_id, device_spec).await?),
+        None => None,
+    };
     let queue = Queue::connect(&config.redis_url, config.queue_config()).await?;
     let storage = Storage::open(&config.storage_url).await?;
     let started = Instant::now();
@@ -173,6 +183,7 @@ pub async fn run(
         tokio::spawn(async move {
             shutdown.await;
             info!("shutdown requested: draining (finishing the current batch)");
+            metrics::draining();
             draining.store(true, Ordering::SeqCst);
         });
     }
@@ -199,6 +210,7 @@ pub async fn run(
                 t
             }
             Err(e) => {
+                metrics::pull_error();
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pull failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -334,11 +346,14 @@ async fn render_group(
         prx,
         cancel.clone(),
     ));
-    let result = engine.render(request, cancel, ptx).await;
+    let (timed_tx, timed_rx) = mpsc::unbounded_channel::<StepProgress>();
+    tokio::spawn(metrics::time_steps(timed_rx, ptx));
+    let result = engine.render(request, cancel, timed_tx).await;
     let _ = watcher.await;
 
     match result {
         Ok(rendered) => {
+            metrics::batch_rendered(group.len(), rendered.render_ms);
             if rendered.outputs.len() != group.len() {
                 let msg = format!(
                     "pipeline returned {} images for {} prompts",
@@ -474,6 +489,7 @@ async fn upload_and_record(
             {
                 return Err((task, format!("upload failed: {e}")));
             }
+            metrics::image_stored(encode_ms, t_up.elapsed().as_secs_f64() * 1e3);
             let timings = Timings {
                 queue_ms: picked_ms.saturating_sub(task.spec.submitted_ms) as f64,
                 render_ms: per_image_ms,
@@ -523,6 +539,13 @@ async fn upload_and_record(
     };
     let mut finished: Vec<JobId> = Vec::new();
     for ((task, _), outcome) in done.iter().zip(&outcomes) {
+        match outcome {
+            Recorded::Recorded | Recorded::JobFinished(_) => {
+                metrics::completed(pixfarm_core::now_ms().saturating_sub(task.spec.submitted_ms))
+            }
+            Recorded::Duplicate => metrics::duplicate(),
+            _ => {}
+        }
         match outcome {
             Recorded::JobFinished(_) => finished.push(task.spec.job.clone()),
             Recorded::Canceled => {
@@ -598,7 +621,9 @@ async fn fail_task(shared: &Arc<Shared>, task: &Task, reason: &str) {
         .fail(&shared.worker_id, task, reason, true)
         .await
     {
+        Ok(Failed::Retrying { .. }) => metrics::retried(),
         Ok(Failed::DeadLettered(Recorded::JobFinished(_))) => {
+            metrics::failed();
             if let Err(e) = shared
                 .queue
                 .write_manifest(&task.spec.job, &shared.storage)
@@ -607,7 +632,8 @@ async fn fail_task(shared: &Arc<Shared>, task: &Task, reason: &str) {
                 error!(job = %task.spec.job, error = %e, "writing the manifest failed");
             }
         }
-        Ok(_) => {}
+        Ok(Failed::DeadLettered(_)) => metrics::failed(),
+        Ok(Failed::NotOwner) => {}
         Err(e) => {
             error!(error = %e, "reporting a failure failed; the task will be redelivered after its lease")
         }
@@ -619,6 +645,8 @@ async fn ack_quietly(shared: &Shared, tasks: &[Task]) {
     if tasks.is_empty() {
         return;
     }
+    // Only tasks of cancelled jobs are acknowledged without a result.
+    metrics::canceled(tasks.len());
     if let Err(e) = shared.queue.ack(tasks).await {
         warn!(error = %e, "ack failed");
     }

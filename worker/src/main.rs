@@ -10,16 +10,19 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(flatten)]
     config: WorkerConfig,
-    /// Log as JSON lines (for log shippers).
+    /// Log as JSON lines (for log shippers); the same as `--log-format json`.
     #[arg(long, env = "PIXFARM_LOG_JSON", default_value_t = false)]
     log_json: bool,
+    /// `text` for people, `json` (one object per line) for log shippers.
+    #[arg(long, env = "PIXFARM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("PIXFARM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    if cli.log_json {
+    if cli.log_json || cli.log_format == "json" {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .json()

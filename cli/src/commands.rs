@@ -88,6 +88,8 @@ pub enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Run the whole farm on this machine and render a sample batch.
     Dev(Box<dev::DevArgs>),
+    /// Convert the original PixArt-δ ControlNet `.pth` into an adapter directory for `--controlnet-dir`.
+    ConvertControlnet(crate::convert::ConvertControlnetArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -203,6 +205,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(a) => {
             init_tracing("warn");
             dev::run(*a).await
+        }
+        Command::ConvertControlnet(a) => {
+            init_tracing("warn");
+            tokio::task::spawn_blocking(move || crate::convert::run(a)).await?
         }
         other => {
             init_tracing("warn");
@@ -348,7 +354,11 @@ async fn run_client(c: &mut Client, command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Coordinator(_) | Command::Worker(_) | Command::Generate(_) | Command::Dev(_) => {
+        Command::Coordinator(_)
+        | Command::Worker(_)
+        | Command::Generate(_)
+        | Command::Dev(_)
+        | Command::ConvertControlnet(_) => {
             unreachable!("handled in run")
         }
     }

@@ -15,10 +15,15 @@ code path of a real checkpoint at a size that renders 64x64 in milliseconds on a
   user runs on the real checkpoint.
 * vae: AutoencoderKL with 4 levels (downscale 8) of 8/8/16/16 channels, scaling_factor 0.18215.
 * scheduler: the PixArt-LCM scheduler_config.json (linear betas 1e-4..0.02, 50 original steps).
+* controlnet: a ControlNet-Transformer adapter in the diffusers-community layout
+  (`PixArtControlNetAdapterModel`: `config.json` with `num_layers` + safetensors with
+  `controlnet_blocks.{k}.transformer_block.*`, `before_proj`, `after_proj`), 1 copy of a base block
+  (the tiny transformer has 2), every weight random and non-zero so control visibly changes images.
 
 Deterministic: seeded torch / sentencepiece. Run from the repository root:
 
-    python3 models/make_tiny.py            # writes models/tiny-pixart-lcm/
+    python3 models/make_tiny.py                   # writes models/tiny-pixart-lcm/
+    python3 models/make_tiny.py --controlnet-only # (re)writes only models/tiny-pixart-lcm/controlnet/
 """
 import json
 import os
@@ -193,6 +198,8 @@ def main():
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
 
+    make_controlnet()
+
     total = 0
     for root, _, files in os.walk(OUT):
         for name in files:
@@ -200,5 +207,39 @@ def main():
     print(f"wrote {OUT} ({total / 1024:.0f} KiB)", file=sys.stderr)
 
 
+def make_controlnet(num_layers=1, seed=1):
+    """The adapter's block copies have exactly the base block's parameter names and shapes
+    (diffusers' research-project `PixArtControlNetAdapterBlock` wraps a `BasicTransformerBlock`
+    built from the base config); `before_proj` exists on block 0 only."""
+    from diffusers import PixArtTransformer2DModel
+    from safetensors.torch import save_file
+
+    base = PixArtTransformer2DModel.from_pretrained(os.path.join(OUT, "transformer"))
+    inner = base.config.num_attention_heads * base.config.attention_head_dim
+    assert num_layers < base.config.num_layers, "adapter block k feeds base block k+1"
+    block = base.transformer_blocks[0].state_dict()
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for k in range(num_layers):
+        pre = f"controlnet_blocks.{k}."
+        for name, t in block.items():
+            std = 0.2 if t.dim() > 1 else 0.05
+            tensors[pre + "transformer_block." + name] = torch.randn(t.shape, generator=g) * std
+        projs = ["before_proj", "after_proj"] if k == 0 else ["after_proj"]
+        for proj in projs:
+            tensors[pre + proj + ".weight"] = torch.randn((inner, inner), generator=g) * 0.2
+            tensors[pre + proj + ".bias"] = torch.randn((inner,), generator=g) * 0.05
+    out = os.path.join(OUT, "controlnet")
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"_class_name": "PixArtControlNetAdapterModel", "num_layers": num_layers}, f, indent=2)
+        f.write("\n")
+    print(f"wrote {out} ({len(tensors)} tensors)", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    main()
+    if "--controlnet-only" in sys.argv[1:]:
+        make_controlnet()
+    else:
+        main()

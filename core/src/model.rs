@@ -265,6 +265,12 @@ pub struct ControlSpec {
     /// ControlNet conditioning scale, in `[0, 2]`.
     #[serde(default = "default_scale")]
     pub scale: f32,
+    /// Canny hysteresis thresholds on the gradient magnitude (OpenCV units; `kind = canny` only).
+    /// Absent: the worker's defaults (100 and 200, as in the ControlNet Canny demos).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_threshold: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_threshold: Option<f32>,
 }
 
 fn default_scale() -> f32 {
@@ -422,6 +428,10 @@ pub struct TaskControl {
     pub source: ControlRef,
     pub kind: ControlKind,
     pub scale: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_threshold: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_threshold: Option<f32>,
 }
 
 /// One image to render: what is stored in a lane stream entry. Self-contained, so a worker needs

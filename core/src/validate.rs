@@ -6,7 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
-use crate::model::{ControlRef, ControlSource, ItemSpec, JobId, JobSpec, TaskControl, TaskSpec};
+use crate::model::{
+    ControlKind, ControlRef, ControlSource, ControlSpec, ItemSpec, JobId, JobSpec, TaskControl, TaskSpec,
+};
 
 /// Limits on everything a client controls. The defaults suit PixArt-LCM (sizes up to 2048², T5's
 /// 120-token window is far below the prompt byte limit, which only stops abuse).
@@ -231,6 +233,7 @@ pub fn validate_item(i: usize, item: &ItemSpec, limits: &Limits, errs: &mut Vec<
                 format!("must be between 0 and 2, got {}", c.scale),
             ));
         }
+        check_canny_thresholds(i, c, errs);
         match &c.source {
             ControlSource::Inline(bytes) => {
                 if bytes.is_empty() {
@@ -271,6 +274,54 @@ pub fn validate_item(i: usize, item: &ItemSpec, limits: &Limits, errs: &mut Vec<
     }
 }
 
+/// Largest useful Canny threshold: the L1 Sobel magnitude of 8-bit input never exceeds 4 × 255 × 2.
+pub const MAX_CANNY_THRESHOLD: f32 = 2040.0;
+
+fn check_canny_thresholds(i: usize, c: &ControlSpec, errs: &mut Vec<ValidationError>) {
+    let given = [
+        ("control.low_threshold", c.low_threshold),
+        ("control.high_threshold", c.high_threshold),
+    ];
+    if c.kind != ControlKind::Canny {
+        for (field, v) in given {
+            if v.is_some() {
+                errs.push(ValidationError::item(
+                    i,
+                    field,
+                    format!(
+                        "only applies to control kind `canny`, not `{}`",
+                        c.kind.as_str()
+                    ),
+                ));
+            }
+        }
+        return;
+    }
+    let mut ok = true;
+    for (field, v) in given {
+        if let Some(v) = v
+            && (v.is_nan() || !(0.0..=MAX_CANNY_THRESHOLD).contains(&v))
+        {
+            ok = false;
+            errs.push(ValidationError::item(
+                i,
+                field,
+                format!("must be between 0 and {MAX_CANNY_THRESHOLD}, got {v}"),
+            ));
+        }
+    }
+    if ok
+        && let (Some(lo), Some(hi)) = (c.low_threshold, c.high_threshold)
+        && lo > hi
+    {
+        errs.push(ValidationError::item(
+            i,
+            "control.low_threshold",
+            format!("{lo} is above control.high_threshold {hi}"),
+        ));
+    }
+}
+
 /// Reads only the image header: cheap at submit, catches garbage and wrong formats early. A
 /// truncated body is only found by the worker, which then fails the task with its reason.
 fn image_dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
@@ -286,7 +337,7 @@ fn image_dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
 }
 
 /// Tenants and label keys: short, printable, no separators that could alias keys.
-fn check_name(what: &str, s: &str, max: usize) -> Result<(), String> {
+pub(crate) fn check_name(what: &str, s: &str, max: usize) -> Result<(), String> {
     if s.is_empty() {
         return Err(format!("{what} must not be empty"));
     }
@@ -318,6 +369,21 @@ pub fn check_prefix(prefix: &str, max: usize) -> Result<(), String> {
     }
     if prefix.starts_with('/') {
         return Err("must be relative (no leading `/`)".to_string());
+    }
+    // Named explicitly because each is a known way out of a prefix: Windows separators, control
+    // characters (log/terminal injection, NUL truncation) and look-alike Unicode (fullwidth
+    // solidus, one-dot leaders that render as `..`, bidi overrides) that some tools normalise.
+    if prefix.contains('\\') {
+        return Err("must not contain `\\` (use `/` between segments)".to_string());
+    }
+    if let Some(c) = prefix.chars().find(|c| c.is_control()) {
+        return Err(format!("must not contain control characters (found {c:?})"));
+    }
+    if let Some(c) = prefix.chars().find(|c| !c.is_ascii()) {
+        return Err(format!(
+            "must be ASCII (found {c:?}, U+{:04X}); non-ASCII characters can look like `/` or `.`",
+            u32::from(c)
+        ));
     }
     for seg in prefix.trim_end_matches('/').split('/') {
         if seg.is_empty() {
@@ -360,6 +426,14 @@ impl LeasePolicy {
         let work = u64::from(steps) * u64::from(width) * u64::from(height);
         self.base_ms + work * self.per_step_megapixel_ms / 1_000_000
     }
+}
+
+/// Where a job's objects live: `{tenant}/{output_prefix}`. The tenant is always the first key
+/// segment, so one tenant's objects can never land under (or be presigned from) another's, and
+/// an S3 bucket policy or IAM condition can be written per tenant on `{tenant}/*`. Both parts are
+/// validated at submit (tenant: `[A-Za-z0-9._-]`; prefix: relative, no `.`/`..` segments).
+pub fn object_prefix(tenant: &str, output_prefix: &str) -> String {
+    join_key(tenant, output_prefix)
 }
 
 /// The object key of image `index`: `{prefix}/{job}/{index:06}.png`.
@@ -411,6 +485,8 @@ pub fn expand(job: &JobId, spec: &JobSpec, lease: &LeasePolicy) -> Vec<TaskSpec>
             },
             kind: c.kind,
             scale: c.scale,
+            low_threshold: c.low_threshold,
+            high_threshold: c.high_threshold,
         });
         for k in 0..item.images_per_prompt {
             out.push(TaskSpec {
@@ -424,7 +500,11 @@ pub fn expand(job: &JobId, spec: &JobSpec, lease: &LeasePolicy) -> Vec<TaskSpec>
                 height: item.height,
                 steps: item.steps,
                 control: control.clone(),
-                output_key: image_key(&spec.output_prefix, job, index),
+                output_key: image_key(
+                    &object_prefix(&spec.tenant, &spec.output_prefix),
+                    job,
+                    index,
+                ),
                 lease_ms: lease.lease_ms(item.width, item.height, item.steps),
                 prior_attempts: 0,
                 submitted_ms: 0,
@@ -438,7 +518,6 @@ pub fn expand(job: &JobId, spec: &JobSpec, lease: &LeasePolicy) -> Vec<TaskSpec>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ControlKind, ControlSpec};
 
     fn ok_item() -> ItemSpec {
         ItemSpec::new("a cat", 64, 64)
@@ -489,9 +568,28 @@ mod tests {
         assert_eq!(errs.len(), 2);
         assert_eq!(errs[0].path(), "items");
         assert_eq!(errs[1].path(), "output_prefix");
-        for bad in ["/abs", "a//b", "a/./b", "a\\b", "a b", "é"] {
+        for bad in [
+            "/abs",
+            "a//b",
+            "a/./b",
+            "a\\b",
+            "a b",
+            "é",
+            "..",
+            "a/..",
+            "a/../..",
+            "a\0b",
+            "a\u{1b}[2J",
+            "\u{ff0f}etc",
+            "\u{2024}\u{2024}/x",
+            "a\u{202e}b",
+        ] {
             assert!(check_prefix(bad, 100).is_err(), "{bad}");
         }
+        assert!(check_prefix("a\\b", 100).unwrap_err().contains("`\\`"));
+        assert!(check_prefix("a\u{7}b", 100).unwrap_err().contains("control"));
+        assert!(check_prefix("\u{ff0f}x", 100).unwrap_err().contains("U+FF0F"));
+        assert!(check_prefix(&"a".repeat(101), 100).unwrap_err().contains("limit of 100"));
         for good in ["a", "a/b/", "team-1/run_2.x=3"] {
             check_prefix(good, 100).unwrap();
         }
@@ -503,11 +601,15 @@ mod tests {
             source: ControlSource::Inline(b"not an image".to_vec()),
             kind: ControlKind::Canny,
             scale: 2.5,
+            low_threshold: None,
+            high_threshold: None,
         });
         let uri = ok_item().with_control(ControlSpec {
             source: ControlSource::Uri("http://x/y".into()),
             kind: ControlKind::Edge,
             scale: 1.0,
+            low_threshold: None,
+            high_threshold: None,
         });
         let errs = validate_job(&JobSpec::new(vec![bad, uri]), &Limits::default()).unwrap_err();
         let paths: Vec<String> = errs.iter().map(|e| e.path()).collect();
@@ -528,8 +630,41 @@ mod tests {
             source: ControlSource::Inline(png),
             kind: ControlKind::Edge,
             scale: 0.5,
+            low_threshold: None,
+            high_threshold: None,
         });
         validate_job(&JobSpec::new(vec![good]), &Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn canny_thresholds() {
+        let with = |kind, lo: Option<f32>, hi: Option<f32>| {
+            ok_item().with_control(ControlSpec {
+                source: ControlSource::Uri("s3://b/k.png".into()),
+                kind,
+                scale: 1.0,
+                low_threshold: lo,
+                high_threshold: hi,
+            })
+        };
+        let items = vec![
+            with(ControlKind::Canny, Some(50.0), Some(150.0)),
+            with(ControlKind::Canny, Some(200.0), Some(100.0)),
+            with(ControlKind::Canny, Some(-1.0), Some(f32::NAN)),
+            with(ControlKind::Hed, Some(10.0), None),
+        ];
+        let errs = validate_job(&JobSpec::new(items), &Limits::default()).unwrap_err();
+        let paths: Vec<String> = errs.iter().map(|e| e.path()).collect();
+        assert_eq!(
+            paths,
+            [
+                "items[1].control.low_threshold",
+                "items[2].control.low_threshold",
+                "items[2].control.high_threshold",
+                "items[3].control.low_threshold"
+            ]
+        );
+        assert!(errs[3].message.contains("only applies to control kind `canny`"));
     }
 
     #[test]
@@ -555,7 +690,10 @@ mod tests {
         assert_eq!(tasks[3].seed, s2);
         assert_eq!(tasks[4].seed, s2 + 1);
         assert_eq!(tasks[4].item, 1);
-        assert_eq!(tasks[2].output_key, format!("out/{job}/000002.png"));
+        assert_eq!(
+            tasks[2].output_key,
+            format!("default/out/{job}/000002.png")
+        );
         assert_eq!(
             LeasePolicy {
                 base_ms: 1000,

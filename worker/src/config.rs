@@ -98,6 +98,28 @@ pub struct WorkerConfig {
     /// Serve Prometheus metrics on `http://ADDR/metrics` (e.g. `0.0.0.0:9091`). Off when unset.
     #[arg(long, env = "PIXFARM_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// ControlNet-Transformer adapter directory (diffusers-community layout: `config.json` +
+    /// `diffusion_pytorch_model.safetensors`; convert the original .pth with `pixfarm
+    /// convert-controlnet`). A worker with one also serves the `control` lane of each priority in
+    /// `--lanes`; a worker without one never receives controlled tasks.
+    #[arg(long, env = "PIXFARM_CONTROLNET_DIR")]
+    pub controlnet_dir: Option<PathBuf>,
+
+    /// HED edge-detector weights (`ControlNetHED.pth` or a safetensors copy) for `hed` control
+    /// images. Without them such images fail with that reason.
+    #[arg(long, env = "PIXFARM_HED_WEIGHTS")]
+    pub hed_weights: Option<PathBuf>,
+
+    /// Undelivered tasks each lane stream is topped up to from the tenants' backlogs when this
+    /// worker pulls or finishes tasks (keep it equal across the farm, at least workers × max
+    /// batch).
+    #[arg(long, env = "PIXFARM_FAIR_STREAM_TARGET", default_value_t = pixfarm_core::FairConfig::default().stream_target, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fair_stream_target: u64,
+
+    /// Tasks a tenant moves into a lane stream per round-robin turn.
+    #[arg(long, env = "PIXFARM_FAIR_QUANTUM", default_value_t = pixfarm_core::FairConfig::default().quantum, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fair_quantum: u32,
 }
 
 impl Default for WorkerConfig {
@@ -120,6 +142,10 @@ impl Default for WorkerConfig {
             step_events: true,
             offload_text_encoder: false,
             metrics_addr: None,
+            controlnet_dir: None,
+            hed_weights: None,
+            fair_stream_target: pixfarm_core::FairConfig::default().stream_target,
+            fair_quantum: pixfarm_core::FairConfig::default().quantum,
         }
     }
 }
@@ -150,6 +176,29 @@ impl WorkerConfig {
         }
         if self.lanes.is_empty() {
             return Err(bad("lanes (PIXFARM_LANES)", "serve at least one lane"));
+        }
+        match &self.controlnet_dir {
+            None if self.serves_control() => {
+                return Err(bad(
+                    "lanes (PIXFARM_LANES)",
+                    "control lanes need a ControlNet adapter (--controlnet-dir / PIXFARM_CONTROLNET_DIR)",
+                ));
+            }
+            Some(dir) if !dir.is_dir() => {
+                return Err(bad(
+                    "ControlNet adapter (PIXFARM_CONTROLNET_DIR)",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(f) = &self.hed_weights
+            && !f.is_file()
+        {
+            return Err(bad(
+                "HED weights (PIXFARM_HED_WEIGHTS)",
+                format!("{} is not a file", f.display()),
+            ));
         }
         if self.max_attempts == 0 {
             return Err(bad(
@@ -246,12 +295,37 @@ impl WorkerConfig {
             // Look for dead workers' tasks about twice per base lease.
             reclaim_interval: Duration::from_millis((self.lease_base_ms / 2).max(100)),
             worker_ttl: Duration::from_millis((self.heartbeat_ms * 5).max(5_000)),
+            // Quotas are the coordinator's (it stores each tenant's in-flight limit with its
+            // submits); the worker only needs to feed the streams the same way.
+            fair: pixfarm_core::FairConfig {
+                stream_target: self.fair_stream_target,
+                quantum: self.fair_quantum,
+                ..pixfarm_core::FairConfig::default()
+            },
             ..QueueConfig::default()
         }
     }
 
     pub fn serves_control(&self) -> bool {
         self.lanes.iter().any(|l| l.variant == Variant::Control)
+    }
+
+    /// The lanes this worker pulls from, in order: `--lanes` as given, or, when an adapter is
+    /// loaded and no control lane is listed, each listed lane followed by the control lane of the
+    /// same priority (so priority order still holds across variants).
+    pub fn lanes_served(&self) -> Vec<Lane> {
+        if self.controlnet_dir.is_none() || self.serves_control() {
+            return self.lanes.clone();
+        }
+        let mut out = Vec::with_capacity(self.lanes.len() * 2);
+        for l in &self.lanes {
+            out.push(*l);
+            let c = Lane::new(l.priority, Variant::Control);
+            if !self.lanes.contains(&c) && !out.contains(&c) {
+                out.push(c);
+            }
+        }
+        out
     }
 }
 
@@ -295,6 +369,7 @@ pub fn hostname() -> String {
 mod tests {
     use super::*;
     use clap::Parser;
+    use pixfarm_core::Priority;
 
     #[derive(Parser)]
     struct Cli {
@@ -321,6 +396,15 @@ mod tests {
         assert_eq!(cli.w.lanes.len(), 2);
         assert!(cli.w.serves_control());
         assert_eq!(cli.w.parse_device().unwrap(), DeviceSpec::Cuda(1));
+        assert!(
+            cli.w
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("control lanes need a ControlNet adapter")
+        );
+        let mut cli = cli;
+        cli.w.controlnet_dir = Some(dir.clone());
         cli.w.validate().unwrap();
 
         let mut c = cli.w.clone();
@@ -351,5 +435,29 @@ mod tests {
                 .contains("not a directory")
         );
         assert!(Cli::try_parse_from(["w", "--lanes", "urgent:base"]).is_err());
+    }
+
+    #[test]
+    fn an_adapter_adds_the_control_lane_of_each_priority() {
+        let mut c = WorkerConfig {
+            lanes: vec![
+                Lane::new(Priority::High, Variant::Base),
+                Lane::new(Priority::Low, Variant::Base),
+            ],
+            ..WorkerConfig::default()
+        };
+        assert_eq!(c.lanes_served(), c.lanes, "no adapter: lanes as given");
+        c.controlnet_dir = Some(std::env::temp_dir());
+        assert_eq!(
+            c.lanes_served(),
+            [
+                Lane::new(Priority::High, Variant::Base),
+                Lane::new(Priority::High, Variant::Control),
+                Lane::new(Priority::Low, Variant::Base),
+                Lane::new(Priority::Low, Variant::Control),
+            ]
+        );
+        c.lanes = vec![Lane::new(Priority::Normal, Variant::Control)];
+        assert_eq!(c.lanes_served(), c.lanes, "explicit control lanes are kept as given");
     }
 }

@@ -62,6 +62,8 @@ mod tests {
                     source: ControlRef::Inline { item: 0 },
                     kind,
                     scale,
+                    low_threshold: None,
+                    high_threshold: None,
                 }),
                 output_key: format!("{job}/{index:06}.png"),
                 lease_ms: 1000,

@@ -112,6 +112,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     config.validate()?;
+    // A worker with a ControlNet adapter also serves the control lane of each priority it serves.
+    let mut config = config;
+    config.lanes = config.lanes_served();
     let worker_id = config.resolved_worker_id();
     let device_spec = config.parse_device()?;
     let device = device_spec
@@ -139,18 +142,15 @@ pub async fn run(
             dtype,
             offload_text_encoder: config.offload_text_encoder,
             timestep_spacing: TimestepSpacing::default(),
+            controlnet: config.controlnet_dir.clone(),
         },
+        config.hed_weights.clone(),
     )
     .await
     .map_err(|source| WorkerError::Model {
         dir: config.model_dir.display().to_string(),
         source,
     })?;
-    if config.serves_control() {
-        warn!(
-            "serving control lanes, but this build's pipeline has no ControlNet adapter: controlled tasks will fail"
-        );
-    }
 
     let info = WorkerInfo {
         id: worker_id.clone(),
@@ -309,18 +309,9 @@ async fn render_group(
         return;
     }
 
-    // Controlled tasks: read and decode the control image so a bad one fails with its reason; this
-    // pipeline has no adapter, so they then fail (and are retried on, or dead-lettered).
-    let (controlled, group): (Vec<Task>, Vec<Task>) =
-        group.into_iter().partition(|t| t.spec.control.is_some());
-    for t in controlled {
-        let reason = match load_control(shared, &t).await {
-            Err(e) => e,
-            Ok(_) => "this worker has no ControlNet adapter loaded; only workers with one should serve control lanes"
-                .to_string(),
-        };
-        fail_task(shared, &t, &reason).await;
-    }
+    // Controlled tasks: fetch and decode each control image and make its edge map; an image that
+    // cannot guide a render fails its own task with the reason, and the rest of the group renders.
+    let (group, edges) = prepare_controls(shared, engine, group).await;
     if group.is_empty() {
         return;
     }
@@ -332,9 +323,16 @@ async fn render_group(
         steps: spec0.steps as usize,
         items: group
             .iter()
-            .map(|t| RenderItem {
+            .zip(&edges)
+            .map(|(t, edge)| RenderItem {
                 prompt: t.spec.prompt.clone(),
                 seed: t.spec.seed,
+                control: edge.as_ref().zip(t.spec.control.as_ref()).map(|(e, c)| {
+                    pixart::pipeline::ControlInput {
+                        edge_map: e.clone(),
+                        scale: c.scale,
+                    }
+                }),
             })
             .collect(),
     };
@@ -379,6 +377,7 @@ async fn render_group(
                     upload_and_record(
                         &shared,
                         group,
+                        edges,
                         rendered.outputs,
                         per_image_ms,
                         batch,
@@ -454,6 +453,7 @@ async fn watch_steps(
 async fn upload_and_record(
     shared: &Arc<Shared>,
     group: Vec<Task>,
+    edges: Vec<Option<image::RgbImage>>,
     outputs: Vec<pixart::pipeline::RenderOutput>,
     per_image_ms: f64,
     batch: u32,
@@ -465,7 +465,7 @@ async fn upload_and_record(
         .await
         .unwrap_or_default();
     let mut uploads = JoinSet::new();
-    for (task, out) in group.into_iter().zip(outputs) {
+    for ((task, out), edge) in group.into_iter().zip(outputs).zip(edges) {
         if cancelled.contains(&task.spec.job) {
             ack_quietly(shared, std::slice::from_ref(&task)).await;
             continue;
@@ -482,6 +482,22 @@ async fn upload_and_record(
             let encode_ms = t_enc.elapsed().as_secs_f64() * 1e3;
             let sha = hex::encode(Sha256::digest(&png));
             let t_up = Instant::now();
+            // The edge map goes first, so a recorded result never names a missing edge map.
+            let control_key = match edge {
+                Some(edge) => {
+                    let key = edge_map_key(&task.spec.output_key);
+                    let png = match tokio::task::spawn_blocking(move || encode_png(&edge)).await {
+                        Ok(Ok(p)) => p,
+                        Ok(Err(e)) => return Err((task, format!("edge map PNG encoding failed: {e}"))),
+                        Err(e) => return Err((task, format!("edge map PNG encoding panicked: {e}"))),
+                    };
+                    if let Err(e) = shared.storage.put(&key, png, "image/png").await {
+                        return Err((task, format!("edge map upload failed: {e}")));
+                    }
+                    Some(key)
+                }
+                None => None,
+            };
             if let Err(e) = shared
                 .storage
                 .put(&task.spec.output_key, png, "image/png")
@@ -497,13 +513,14 @@ async fn upload_and_record(
                 upload_ms: t_up.elapsed().as_secs_f64() * 1e3,
                 batch_size: batch,
             };
-            let result = TaskResult::succeeded(
+            let mut result = TaskResult::succeeded(
                 &task,
                 task.spec.output_key.clone(),
                 sha,
                 &shared.worker_id,
                 timings,
             );
+            result.parameters.control_key = control_key;
             Ok((task, result))
         });
     }
@@ -599,26 +616,108 @@ fn encode_png(img: &image::RgbImage) -> Result<Bytes, image::ImageError> {
     Ok(Bytes::from(buf))
 }
 
-/// Reads and decodes a task's control image; the error says why it cannot be used.
-async fn load_control(shared: &Shared, task: &Task) -> Result<image::DynamicImage, String> {
-    let c = task.spec.control.as_ref().ok_or("no control image")?;
+/// The edge map's key beside its image: `…/000042.png` → `…/000042.control.png` (the layout of
+/// [`pixfarm_core::control_key`]).
+fn edge_map_key(output_key: &str) -> String {
+    let stem = output_key.strip_suffix(".png").unwrap_or(output_key);
+    format!("{stem}.control.png")
+}
+
+/// Splits off the tasks whose control image cannot be used (failing each with its reason) and
+/// returns the rest with their edge maps (`None` for tasks without control), in order.
+async fn prepare_controls(
+    shared: &Arc<Shared>,
+    engine: &Engine,
+    group: Vec<Task>,
+) -> (Vec<Task>, Vec<Option<image::RgbImage>>) {
+    if group.iter().all(|t| t.spec.control.is_none()) {
+        let n = group.len();
+        return (group, vec![None; n]);
+    }
+    let mut decoded = Vec::with_capacity(group.len());
+    for t in group {
+        let img = match &t.spec.control {
+            None => None,
+            Some(_) => match load_control(shared, &t).await {
+                Ok(img) => Some(img),
+                Err(e) => {
+                    fail_task_with(shared, &t, &e.reason, e.retryable).await;
+                    continue;
+                }
+            },
+        };
+        decoded.push((t, img));
+    }
+    let jobs: Vec<engine::EdgeJob> = decoded
+        .iter_mut()
+        .filter_map(|(t, img)| {
+            let c = t.spec.control.as_ref()?;
+            Some(engine::EdgeJob {
+                image: img.take()?,
+                kind: c.kind,
+                low_threshold: c.low_threshold,
+                high_threshold: c.high_threshold,
+                width: t.spec.width,
+                height: t.spec.height,
+            })
+        })
+        .collect();
+    let mut maps = engine.edge_maps(jobs).await.into_iter();
+    let mut tasks = Vec::with_capacity(decoded.len());
+    let mut edges = Vec::with_capacity(decoded.len());
+    for (t, _) in decoded {
+        if t.spec.control.is_none() {
+            tasks.push(t);
+            edges.push(None);
+            continue;
+        }
+        match maps.next() {
+            Some(Ok(edge)) => {
+                tasks.push(t);
+                edges.push(Some(edge));
+            }
+            Some(Err(e)) => fail_task_with(shared, &t, &e.reason, e.retryable).await,
+            None => fail_task(shared, &t, "no edge map was made").await,
+        }
+    }
+    (tasks, edges)
+}
+
+/// Reads and decodes a task's control image; the error says why it cannot be used. A read can fail
+/// for a while (S3 or Redis trouble, an object not there yet) and is retried; bytes that do not
+/// decode never will.
+async fn load_control(
+    shared: &Shared,
+    task: &Task,
+) -> Result<image::DynamicImage, engine::ControlError> {
+    use engine::ControlError;
+    let c = task
+        .spec
+        .control
+        .as_ref()
+        .ok_or_else(|| ControlError::permanent("no control image"))?;
     let bytes = match &c.source {
         ControlRef::Inline { item } => shared.queue.control_image(&task.spec.job, *item).await,
         ControlRef::Uri(uri) => shared.storage.get_uri(uri).await,
     }
-    .map_err(|e| format!("cannot read the control image: {e}"))?;
+    .map_err(|e| ControlError::retryable(format!("cannot read the control image: {e}")))?;
     tokio::task::spawn_blocking(move || image::load_from_memory(&bytes))
         .await
-        .map_err(|e| format!("control image decoding panicked: {e}"))?
-        .map_err(|e| format!("undecodable control image: {e}"))
+        .map_err(|e| ControlError::permanent(format!("control image decoding panicked: {e}")))?
+        .map_err(|e| ControlError::permanent(format!("undecodable control image: {e}")))
 }
 
 /// Reports a failed attempt (retried or dead-lettered by the queue); writes the manifest when that
 /// finished the job.
 async fn fail_task(shared: &Arc<Shared>, task: &Task, reason: &str) {
+    fail_task_with(shared, task, reason, true).await
+}
+
+/// [`fail_task`], saying whether another attempt can help (`false` dead-letters at once).
+async fn fail_task_with(shared: &Arc<Shared>, task: &Task, reason: &str, retryable: bool) {
     match shared
         .queue
-        .fail(&shared.worker_id, task, reason, true)
+        .fail(&shared.worker_id, task, reason, retryable)
         .await
     {
         Ok(Failed::Retrying { .. }) => metrics::retried(),

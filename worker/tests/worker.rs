@@ -36,6 +36,7 @@ fn config(redis: &RedisServer, out: &std::path::Path, id: &str) -> WorkerConfig 
             Lane::new(Priority::Normal, Variant::Base),
             Lane::new(Priority::Normal, Variant::Control),
         ],
+        controlnet_dir: Some(model_dir().join("controlnet")),
         ..WorkerConfig::default()
     }
 }
@@ -101,6 +102,8 @@ async fn renders_records_and_drains() -> Result<()> {
             source: ControlSource::Inline(png),
             kind: ControlKind::Edge,
             scale: 1.0,
+            low_threshold: None,
+            high_threshold: None,
         },
     )]);
     let bad_job = q.submit(bad).await?.job;
@@ -128,7 +131,7 @@ async fn renders_records_and_drains() -> Result<()> {
         assert_eq!(r.status, ResultStatus::Succeeded);
         assert_eq!(r.worker, "w-test");
         let key = r.key.clone().unwrap();
-        assert_eq!(key, format!("runs/t1/{job}/{i:06}.png"));
+        assert_eq!(key, format!("default/runs/t1/{job}/{i:06}.png"));
         let bytes = std::fs::read(out.path().join(&key))?;
         assert_eq!(
             hex::encode(Sha256::digest(&bytes)),
@@ -174,7 +177,10 @@ async fn renders_records_and_drains() -> Result<()> {
     );
     let dead = q.dead_letters(10).await?;
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].attempts, 3, "the worker default max_attempts");
+    assert_eq!(
+        dead[0].attempts, 1,
+        "bytes that do not decode never will: dead-lettered on the first attempt"
+    );
 
     // The registry entry is refreshed on the next heartbeat.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use pixfarm_core::{LeasePolicy, QueueConfig, StorageOptions};
+use pixfarm_core::{LeasePolicy, Limits, QueueConfig, StorageOptions};
 
 /// Everything the coordinator needs to start.
 #[derive(Debug, Clone, clap::Args)]
@@ -46,8 +46,24 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "PIXFARM_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    // Who may call: tokens file, or explicit no-auth mode.
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
+
+    // TLS / mutual TLS on the gRPC port.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+
+    // Limits on what a client may submit.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
+    /// Fair share between tenants, their quotas and submit rate limits.
+    #[command(flatten)]
+    pub fair: FairArgs,
+
     /// Lifetime of presigned result URLs, in seconds.
-    #[arg(long, env = "PIXFARM_PRESIGN_EXPIRY_SECS", default_value_t = 3600)]
+    #[arg(long, visible_alias = "presign-ttl", env = "PIXFARM_PRESIGN_EXPIRY_SECS", default_value_t = 3600)]
     pub presign_expiry_secs: u64,
 
     /// Serve Prometheus metrics on `http://ADDR/metrics` (e.g. `0.0.0.0:9090`).
@@ -67,6 +83,10 @@ impl CoordinatorConfig {
             lease_base_ms: LeasePolicy::default().base_ms,
             lease_per_step_mpix_ms: LeasePolicy::default().per_step_megapixel_ms,
             max_message_bytes: 64 * 1024 * 1024,
+            auth: crate::auth::AuthArgs::default(),
+            tls: crate::tls::TlsArgs::default(),
+            limits: LimitArgs::default(),
+            fair: FairArgs::default(),
             presign_expiry_secs: 3600,
             metrics_addr: None,
         }
@@ -80,6 +100,8 @@ impl CoordinatorConfig {
                 base_ms: self.lease_base_ms,
                 per_step_megapixel_ms: self.lease_per_step_mpix_ms,
             },
+            limits: self.limits.apply(Limits::default()),
+            fair: self.fair.fair_config(),
             ..QueueConfig::default()
         }
     }
@@ -91,6 +113,93 @@ impl CoordinatorConfig {
             ..StorageOptions::from_env()
         }
     }
+}
+
+/// Limits on everything a client controls. Each is checked at submit and
+/// reported as `INVALID_ARGUMENT` naming the field (`items[3].prompt`); unset
+/// flags keep the defaults of [`pixfarm_core::Limits`].
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LimitArgs {
+    /// Items (prompts) per job [default: 1000000].
+    #[arg(long, env = "PIXFARM_MAX_ITEMS")]
+    pub max_items: Option<usize>,
+    /// Images per job after images_per_prompt expansion [default: 10000000].
+    #[arg(long, env = "PIXFARM_MAX_IMAGES")]
+    pub max_images: Option<u64>,
+    /// Prompt length in UTF-8 bytes [default: 8192].
+    #[arg(long, env = "PIXFARM_MAX_PROMPT_BYTES")]
+    pub max_prompt_bytes: Option<usize>,
+    /// Largest width or height in pixels [default: 2048].
+    #[arg(long, env = "PIXFARM_MAX_IMAGE_SIDE")]
+    pub max_image_side: Option<u32>,
+    /// Inline control image size in bytes [default: 8388608].
+    #[arg(long, env = "PIXFARM_MAX_CONTROL_BYTES")]
+    pub max_control_bytes: Option<usize>,
+}
+
+impl LimitArgs {
+    /// `base` with the limits given on the command line.
+    pub fn apply(&self, mut base: Limits) -> Limits {
+        if let Some(v) = self.max_items {
+            base.max_items = v;
+        }
+        if let Some(v) = self.max_images {
+            base.max_images = v;
+        }
+        if let Some(v) = self.max_prompt_bytes {
+            base.max_prompt_bytes = v;
+        }
+        if let Some(v) = self.max_image_side {
+            base.max_size = v;
+        }
+        if let Some(v) = self.max_control_bytes {
+            base.max_control_bytes = v;
+        }
+        base
+    }
+}
+
+/// Fair share: how lane streams are fed from the per-tenant backlogs, and the per-tenant quotas
+/// (see `pixfarm_core::fair`). Without a quota file every tenant is unlimited (`pixfarm dev`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FairArgs {
+    /// Tenant quotas file, TOML or JSON (`[default]` and `[tenants.NAME]` with
+    /// `max_queued_tasks`, `max_in_flight_tasks`, `submit_rate`, `submit_burst`); read and
+    /// checked at start. No limits when unset.
+    #[arg(long, env = "PIXFARM_TENANT_QUOTAS", value_parser = parse_quota_file)]
+    pub tenant_quotas: Option<pixfarm_core::TenantQuotas>,
+    /// Undelivered tasks each lane stream is topped up to from the backlogs (at least
+    /// workers × max batch; smaller lets a newly arriving tenant start sooner).
+    #[arg(long, env = "PIXFARM_FAIR_STREAM_TARGET", default_value_t = pixfarm_core::FairConfig::default().stream_target, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fair_stream_target: u64,
+    /// Tasks a tenant moves into a lane stream per round-robin turn.
+    #[arg(long, env = "PIXFARM_FAIR_QUANTUM", default_value_t = pixfarm_core::FairConfig::default().quantum, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fair_quantum: u32,
+}
+
+impl Default for FairArgs {
+    fn default() -> Self {
+        let d = pixfarm_core::FairConfig::default();
+        Self {
+            tenant_quotas: None,
+            fair_stream_target: d.stream_target,
+            fair_quantum: d.quantum,
+        }
+    }
+}
+
+impl FairArgs {
+    pub fn fair_config(&self) -> pixfarm_core::FairConfig {
+        pixfarm_core::FairConfig {
+            stream_target: self.fair_stream_target,
+            quantum: self.fair_quantum,
+            quotas: self.tenant_quotas.clone().unwrap_or_default(),
+        }
+    }
+}
+
+fn parse_quota_file(path: &str) -> Result<pixfarm_core::TenantQuotas, String> {
+    pixfarm_core::TenantQuotas::load(std::path::Path::new(path)).map_err(|e| e.to_string())
 }
 
 /// Parses `WxH` (e.g. `512x768`).

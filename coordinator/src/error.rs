@@ -45,6 +45,29 @@ impl From<ApiError> for Status {
                     ErrorDetails::with_bad_request(violations),
                 );
             }
+            // A tenant quota or the submit rate limit: the quota and the numbers in the message,
+            // `QuotaFailure` naming the quota, and for the rate limit a `RetryInfo` detail plus a
+            // `retry-after` header (whole seconds, rounded up, as in HTTP).
+            CoreError::QuotaExceeded(q) => {
+                let mut details = ErrorDetails::with_quota_failure_violation(
+                    format!("tenant:{}", q.tenant),
+                    q.quota.as_str(),
+                );
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                if let Some(wait) = q.retry_after {
+                    details.set_retry_info(Some(wait));
+                    let secs = wait.as_millis().div_ceil(1000).max(1);
+                    if let Ok(v) = secs.to_string().parse() {
+                        metadata.insert("retry-after", v);
+                    }
+                }
+                return Status::with_error_details_and_metadata(
+                    Code::ResourceExhausted,
+                    message,
+                    details,
+                    metadata,
+                );
+            }
             CoreError::NotFound { .. } => Code::NotFound,
             // An idempotency key reused for another job, or cancelling a finished job.
             CoreError::Conflict(_) => Code::FailedPrecondition,
@@ -87,6 +110,37 @@ mod tests {
             .map(|v| v.field.as_str())
             .collect();
         assert_eq!(fields, ["items[37].width", "items"]);
+    }
+
+    #[test]
+    fn quota_exceeded_is_resource_exhausted_with_a_retry_hint() {
+        let e = CoreError::QuotaExceeded(Box::new(pixfarm_core::QuotaExceeded {
+            tenant: "a".into(),
+            quota: pixfarm_core::QuotaKind::SubmitRate,
+            message: "tenant `a` is over its submit_rate quota; retry after 1200 ms".into(),
+            retry_after: Some(std::time::Duration::from_millis(1200)),
+        }));
+        let s = Status::from(ApiError(e));
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(
+            s.message().contains("retry after 1200 ms"),
+            "{}",
+            s.message()
+        );
+        assert_eq!(
+            s.metadata()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("2")
+        );
+        let retry = s.get_details_retry_info().expect("retry info");
+        assert_eq!(
+            retry.retry_delay,
+            Some(std::time::Duration::from_millis(1200))
+        );
+        let qf = s.get_details_quota_failure().expect("quota failure");
+        assert_eq!(qf.violations[0].subject, "tenant:a");
+        assert_eq!(qf.violations[0].description, "submit_rate");
     }
 
     #[test]

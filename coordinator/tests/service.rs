@@ -60,7 +60,8 @@ impl Harness {
             .await?)
     }
 
-    /// Entries in every lane stream: what workers could pull.
+    /// Entries in every lane stream plus tasks in the fair-share backlogs: what workers could
+    /// pull.
     async fn enqueued(&self) -> Result<u64> {
         let mut c = self.redis().await?;
         let mut n = 0;
@@ -71,7 +72,11 @@ impl Harness {
                 .await?;
             n += len;
         }
-        Ok(n)
+        let backlog: Vec<u64> = redis::cmd("HVALS")
+            .arg(pixfarm_core::fair::BACKLOG_KEY)
+            .query_async(&mut c)
+            .await?;
+        Ok(n + backlog.iter().sum::<u64>())
     }
 }
 
@@ -276,6 +281,7 @@ async fn invalid_jobs_name_fields_and_enqueue_nothing() -> Result<()> {
         source: None,
         kind: "pencil".into(),
         scale: None,
+        ..Default::default()
     });
     let e = h.client.submit_job(request(items)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);

@@ -224,7 +224,7 @@ impl Farm {
             .max_encoding_message_size(64 << 20))
     }
 
-    /// Starts a worker process serving every base lane (and control lanes).
+    /// Starts a worker process serving every lane, with the tiny ControlNet adapter loaded.
     pub fn spawn_worker(&mut self, id: &str) -> Result<()> {
         let log = self.logs.path().join(format!("{id}.log"));
         let out = std::fs::File::create(&log)?;
@@ -233,6 +233,7 @@ impl Farm {
         cmd.env("PIXFARM_REDIS_URL", self.redis.url())
             .env("PIXFARM_STORAGE_URL", self.s3.storage_url(&self.bucket))
             .env("PIXFARM_MODEL_DIR", model_dir())
+            .env("PIXFARM_CONTROLNET_DIR", model_dir().join("controlnet"))
             .env("PIXFARM_DEVICE", "cpu")
             .env("PIXFARM_WORKER_ID", id)
             .env("PIXFARM_MAX_BATCH", o.max_batch.to_string())
@@ -426,7 +427,8 @@ impl Farm {
         }
     }
 
-    /// Entries waiting or pending in every lane stream.
+    /// Tasks enqueued and not yet acknowledged: entries waiting or pending in every lane stream,
+    /// plus tasks still in the per-tenant fair-share backlogs.
     pub async fn lane_entries(&self) -> Result<u64> {
         let mut c = redis::Client::open(self.redis.url())?
             .get_multiplexed_async_connection()
@@ -439,26 +441,33 @@ impl Farm {
                 .await?;
             n += len;
         }
-        Ok(n)
+        let backlog: u64 = self
+            .queue
+            .backlog_stats()
+            .await?
+            .iter()
+            .map(|(_, b)| b)
+            .sum();
+        Ok(n + backlog)
     }
 
     /// Checks the invariants of a finished job: every rendered image is in S3
-    /// exactly once under `{prefix}/{job}/{index:06}.png`, no other image is,
+    /// exactly once under `{tenant}/{prefix}/{job}/{index:06}.png`, no other image is,
     /// the manifest has one line per result with distinct indices, and every
     /// index was recorded done at most once.
     pub async fn check_exactly_once(&self, job: &pb::Job) -> Result<ExactlyOnce> {
         let prefix = job
             .spec
             .as_ref()
-            .map(|s| s.output_prefix.clone())
+            .map(|s| pixfarm_core::object_prefix(&s.tenant, &s.output_prefix))
             .unwrap_or_default();
-        let dir = if prefix.is_empty() {
-            format!("{}/", job.id)
-        } else {
-            format!("{prefix}/{}/", job.id)
-        };
+        let dir = format!("{prefix}/{}/", job.id);
         let keys = self.s3_keys(&dir).await?;
-        let pngs: Vec<&String> = keys.iter().filter(|k| k.ends_with(".png")).collect();
+        // Rendered images only; edge maps of controlled images sit beside them as `.control.png`.
+        let pngs: Vec<&String> = keys
+            .iter()
+            .filter(|k| k.ends_with(".png") && !k.ends_with(".control.png"))
+            .collect();
         let results = self.results(&job.id).await?;
         let done: Vec<&pb::Result> = results.iter().filter(|r| r.succeeded).collect();
         let mut by_index = BTreeMap::new();

@@ -8,14 +8,44 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use pixfarm_proto::v1 as pb;
 use pixfarm_proto::v1::farm_client::FarmClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use crate::input::Parsed;
 
-/// The client type every command uses.
-pub type Client = FarmClient<Channel>;
+/// The client type every command uses: a channel plus the bearer token.
+pub type Client = FarmClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call (nothing without a token).
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        let Some(t) = token else {
+            return Ok(Self(None));
+        };
+        let mut v: MetadataValue<Ascii> = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| anyhow!("the token must be printable ASCII"))?;
+        // Keeps it out of Debug output and HPACK tables.
+        v.set_sensitive(true);
+        Ok(Self(Some(v)))
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// Items above this count go through `SubmitJobStream`.
 pub const STREAM_THRESHOLD: usize = 1000;
@@ -25,7 +55,8 @@ const CHUNK_BYTES: usize = 2 * 1024 * 1024;
 const CHUNK_ITEMS: usize = 2000;
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// `host:port` or a URL; plain `host:port` means plaintext `http://`.
+/// `host:port` or a URL; plain `host:port` means plaintext `http://`, or
+/// `https://` when `tls` (a CA file was given).
 pub fn normalize_address(addr: &str) -> String {
     if addr.contains("://") {
         addr.to_string()
@@ -34,22 +65,81 @@ pub fn normalize_address(addr: &str) -> String {
     }
 }
 
-/// Connects to the coordinator; the error names the address.
+/// Connects without a token over plaintext (tests, `pixfarm dev`).
 pub async fn connect(addr: &str) -> anyhow::Result<Client> {
-    let url = normalize_address(addr);
-    let endpoint = Endpoint::from_shared(url.clone())
+    connect_with(&crate::config::ClientConfig::plain(addr)).await
+}
+
+/// Connects as `cfg` says: TLS when the address is `https://` or a CA is
+/// given, mutual TLS with a client certificate, the token on every call.
+pub async fn connect_with(cfg: &crate::config::ClientConfig) -> anyhow::Result<Client> {
+    let addr = cfg.address.as_str();
+    let tls_wanted = addr.starts_with("https://") || cfg.ca.is_some() || cfg.identity.is_some();
+    let url = if tls_wanted && !addr.contains("://") {
+        format!("https://{addr}")
+    } else {
+        normalize_address(addr)
+    };
+    if tls_wanted && url.starts_with("http://") {
+        anyhow::bail!(
+            "{url}: a CA file or client certificate was given, so use an https:// address"
+        );
+    }
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .with_context(|| format!("`{addr}` is not a valid coordinator address"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    if tls_wanted {
+        endpoint = endpoint
+            .tls_config(client_tls(cfg)?)
+            .with_context(|| format!("cannot set up TLS for {url}"))?;
+    } else if cfg.token.is_some() && !is_loopback_url(&url) {
+        eprintln!("warning: sending the token over plaintext to {url}; use https:// and a CA file");
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         anyhow!(
             "cannot reach the coordinator at {url} ({}); is it running? Set --coordinator or PIXFARM_COORDINATOR",
             error_chain(&e)
         )
     })?;
-    Ok(FarmClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
+    Ok(
+        FarmClient::with_interceptor(channel, BearerToken::new(cfg.token.as_deref())?)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    )
+}
+
+fn client_tls(cfg: &crate::config::ClientConfig) -> anyhow::Result<ClientTlsConfig> {
+    pixfarm_coordinator::tls::install_crypto_provider();
+    let mut tls = ClientTlsConfig::new();
+    match &cfg.ca {
+        Some(ca) => {
+            let pem = pixfarm_coordinator::tls::read_pem("CA file", ca)?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        None => tls = tls.with_native_roots(),
+    }
+    if let Some((cert, key)) = &cfg.identity {
+        tls = tls.identity(Identity::from_pem(
+            pixfarm_coordinator::tls::read_pem("client certificate", cert)?,
+            pixfarm_coordinator::tls::read_pem("client key", key)?,
+        ));
+    }
+    if let Some(d) = &cfg.domain {
+        tls = tls.domain_name(d.clone());
+    }
+    Ok(tls)
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -76,6 +166,11 @@ pub fn status_error(status: Status, what: &str, input: Option<&Parsed>) -> anyho
             status.message()
         ),
         Code::DeadlineExceeded => format!("{what}: timed out ({})", status.message()),
+        Code::Unauthenticated => format!(
+            "{what}: not authenticated ({}); set PIXFARM_TOKEN or `token` in ~/.config/pixfarm/config.toml",
+            status.message()
+        ),
+        Code::PermissionDenied => format!("{what}: permission denied ({})", status.message()),
         _ => format!("{what}: {}", status.message()),
     };
     if status.code() == Code::InvalidArgument

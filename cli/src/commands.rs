@@ -19,14 +19,10 @@ use crate::{dev, fetch, generate, input};
     about = "Render farm for PixArt-LCM text-to-image: submit, watch and fetch jobs, run the farm"
 )]
 pub struct Cli {
-    /// Coordinator address (`host:port` or `http://host:port`).
-    #[arg(
-        long,
-        global = true,
-        env = "PIXFARM_COORDINATOR",
-        default_value = "127.0.0.1:50051"
-    )]
-    pub coordinator: String,
+    // Where the coordinator is and how to trust it. The token comes from
+    // PIXFARM_TOKEN or the config file, never from a flag.
+    #[command(flatten)]
+    pub connect: crate::config::ConnectArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -132,6 +128,16 @@ pub struct SubmitArgs {
     /// Wait for the job to finish, with a progress bar.
     #[arg(long)]
     pub wait: bool,
+    /// Folder that relative `control_image` / `control.path` entries resolve against (default: the
+    /// input file's folder).
+    #[arg(long)]
+    pub control_dir: Option<PathBuf>,
+    /// Control kind (`edge`, `canny`, `hed`) of lines whose control image names none.
+    #[arg(long)]
+    pub control_kind: Option<String>,
+    /// ControlNet conditioning scale (0-2) of lines whose control image sets none.
+    #[arg(long)]
+    pub control_scale: Option<f32>,
 }
 
 /// A parsed `--seeds` value (a newtype, because clap reads `Option<Vec<_>>`
@@ -212,7 +218,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         other => {
             init_tracing("warn");
-            let mut c = client::connect(&cli.coordinator).await?;
+            let cfg = crate::config::resolve(&cli.connect, std::env::var("PIXFARM_TOKEN").ok())?;
+            let mut c = client::connect_with(&cfg).await?;
             run_client(&mut c, other).await
         }
     }
@@ -365,13 +372,15 @@ async fn run_client(c: &mut Client, command: Command) -> anyhow::Result<()> {
 }
 
 async fn submit(c: &mut Client, a: SubmitArgs) -> anyhow::Result<()> {
-    let parsed = input::read_items(&a.file)?;
+    let parsed = input::read_items_in(&a.file, a.control_dir.as_deref())?;
     let parsed = input::apply_overrides(
         parsed,
         &input::Overrides {
             size: a.size,
             steps: a.steps,
             seeds: a.seeds.map(|s| s.0),
+            control_kind: a.control_kind,
+            control_scale: a.control_scale,
         },
     );
     let spec = pb::JobSpec {
@@ -379,6 +388,8 @@ async fn submit(c: &mut Client, a: SubmitArgs) -> anyhow::Result<()> {
         idempotency_key: a.idempotency_key.unwrap_or_default(),
         output_prefix: a.prefix,
         labels: a.labels.into_iter().collect(),
+        // The coordinator takes the tenant from the token.
+        ..Default::default()
     };
     let resp = client::submit(c, spec, &parsed).await?;
     if resp.created {

@@ -26,6 +26,10 @@ pub struct DevArgs {
         default_value = "models/tiny-pixart-lcm"
     )]
     pub model: PathBuf,
+    /// ControlNet adapter directory; default: the model's `controlnet/` folder when it has one
+    /// (the bundled tiny checkpoint does), so the sample batch's edge-guided lines render too.
+    #[arg(long, env = "PIXFARM_CONTROLNET_DIR")]
+    pub controlnet_dir: Option<PathBuf>,
     /// Prompts to render (JSONL or plain text).
     #[arg(long, default_value = "examples/prompts.jsonl")]
     pub prompts: PathBuf,
@@ -152,6 +156,8 @@ async fn run_farm(
 
     let mut cconf = CoordinatorConfig::new(redis_url, storage_url);
     cconf.default_size = args.size;
+    // A local playground: no tokens, no TLS (the coordinator logs both loudly).
+    cconf.auth.insecure_no_auth = true;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -169,6 +175,10 @@ async fn run_farm(
         device: args.device.clone(),
         max_batch: args.max_batch,
         worker_id: Some("dev-worker".into()),
+        controlnet_dir: args
+            .controlnet_dir
+            .clone()
+            .or_else(|| Some(args.model.join("controlnet")).filter(|d| d.is_dir())),
         ..WorkerConfig::default()
     };
     let mut worker = tokio::spawn(pixfarm_worker::run(wconf, stopped(stop_rx.clone())));

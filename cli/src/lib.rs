@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod config;
 pub mod convert;
 pub mod dev;
 pub mod fetch;

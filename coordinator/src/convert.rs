@@ -51,6 +51,8 @@ pub fn item_from_proto(
             source,
             kind,
             scale: c.scale.unwrap_or(1.0),
+            low_threshold: c.low_threshold,
+            high_threshold: c.high_threshold,
         })
     });
     core::ItemSpec {
@@ -127,6 +129,7 @@ pub fn job_to_proto(r: core::JobRecord, failures: Vec<pb::TaskFailure>) -> pb::J
             idempotency_key: r.idempotency_key.unwrap_or_default(),
             output_prefix: r.output_prefix,
             labels: r.labels.into_iter().collect(),
+            tenant: r.tenant,
         }),
         task_count: r.counts.total,
         done: r.counts.succeeded,
@@ -231,6 +234,7 @@ pub fn result_to_proto(r: core::TaskResult, url: String) -> pb::Result {
         error: r.error.unwrap_or_default(),
         attempts: r.attempts,
         finished_unix_ms: ms(r.finished_ms),
+        control_key: r.parameters.control_key.unwrap_or_default(),
     }
 }
 
@@ -308,6 +312,7 @@ mod tests {
                 source: None,
                 kind: "sketchy".into(),
                 scale: None,
+                ..Default::default()
             }),
             ..Default::default()
         };

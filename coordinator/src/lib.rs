@@ -25,11 +25,13 @@
 //! `google.rpc.BadRequest` field violations (`items[37].width`), unknown ids →
 //! `NOT_FOUND`, Redis/S3 trouble → `UNAVAILABLE`.
 
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod metrics;
 pub mod service;
+pub mod tls;
 
 use std::future::Future;
 
@@ -37,10 +39,13 @@ pub use config::CoordinatorConfig;
 pub use error::ApiError;
 use pixfarm_core::{CoreError, Queue, Storage};
 use pixfarm_proto::v1::farm_server::FarmServer;
+pub use auth::{AuthContext, Authenticator};
 pub use service::FarmService;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ServerTlsConfig;
+use tracing::{info, warn};
 
 /// Why the coordinator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +60,45 @@ pub enum CoordinatorError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// How the gRPC port is exposed: message size limit, who may call, TLS.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Largest gRPC message decoded or encoded by the Farm service.
+    pub max_message_bytes: usize,
+    pub auth: Authenticator,
+    /// `None`: plaintext.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+impl ServeOptions {
+    /// No authentication, plaintext: `pixfarm dev` and tests.
+    pub fn insecure(max_message_bytes: usize) -> Self {
+        Self {
+            max_message_bytes,
+            auth: Authenticator::disabled(),
+            tls: None,
+        }
+    }
+
+    /// From the coordinator's flags (loads the tokens file and TLS files);
+    /// `listen` is the address actually bound (no-auth is refused off loopback).
+    pub fn from_config(
+        config: &CoordinatorConfig,
+        listen: std::net::SocketAddr,
+    ) -> Result<Self, CoordinatorError> {
+        Ok(Self {
+            max_message_bytes: config.max_message_bytes,
+            auth: Authenticator::from_args(&config.auth, listen)
+                .map_err(CoordinatorError::Auth)?,
+            tls: config.tls.server_config()?,
+        })
+    }
 }
 
 /// Connects to Redis and the store named in `config`, then serves until
@@ -64,6 +108,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CoordinatorError> {
+    // Credentials and certificates first: a typo there should not wait for Redis.
+    let options = ServeOptions::from_config(&config, listener.local_addr()?)?;
     let queue = Queue::connect(&config.redis_url, config.queue_config()).await?;
     queue.ensure_groups().await?;
     let storage = Storage::open_with(&config.storage_url, config.storage_options()).await?;
@@ -73,18 +119,41 @@ pub async fn serve(
         None => None,
     };
     let service = FarmService::new(queue, storage, config.default_size);
-    serve_with(service, config.max_message_bytes, listener, shutdown).await
+    serve_with_options(service, options, listener, shutdown).await
 }
 
-/// Serves an already built service (tests use this to inject a queue with short
-/// leases). Graceful: on `shutdown` the health status turns NOT_SERVING, open
-/// watch streams end, in-flight unary calls finish, then it returns.
+/// Serves an already built service without authentication or TLS (tests use
+/// this to inject a queue with short leases; see [`serve_with_options`]).
 pub async fn serve_with(
     service: FarmService,
     max_message_bytes: usize,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CoordinatorError> {
+    serve_with_options(
+        service,
+        ServeOptions::insecure(max_message_bytes),
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves an already built service. Every Farm RPC goes through
+/// `options.auth`; health and reflection do not. Graceful: on `shutdown` the
+/// health status turns NOT_SERVING, open watch streams end, in-flight unary
+/// calls finish, then it returns.
+pub async fn serve_with_options(
+    service: FarmService,
+    options: ServeOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), CoordinatorError> {
+    let ServeOptions {
+        max_message_bytes,
+        auth,
+        tls,
+    } = options;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FarmServer<FarmService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -94,21 +163,42 @@ pub async fn serve_with(
     let farm = FarmServer::new(metrics::Metered::new(service.clone()))
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
+    let farm = InterceptedService::new(farm, auth.clone());
     let addr = listener.local_addr()?;
-    info!(%addr, "coordinator listening (plaintext gRPC)");
+    if !auth.is_enabled() {
+        warn!(
+            %addr,
+            "AUTHENTICATION IS OFF: every caller is an admin of every tenant (dev/test mode)"
+        );
+    }
+    let mut server = tonic::transport::Server::builder();
+    match tls {
+        Some(tls) => {
+            server = server.tls_config(tls)?;
+            info!(%addr, auth = auth.is_enabled(), "coordinator listening (gRPC over TLS)");
+        }
+        None => {
+            warn!(%addr, auth = auth.is_enabled(), "coordinator listening on PLAINTEXT gRPC (no TLS)");
+        }
+    }
+    let reloader = auth.spawn_reloader();
     let signal = async move {
         shutdown.await;
         info!("shutting down: draining in-flight requests");
         health.set_not_serving::<FarmServer<FarmService>>().await;
         service.close_streams();
     };
-    tonic::transport::Server::builder()
+    let served = server
         .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(farm)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-        .await?;
+        .await;
+    if let Some(r) = reloader {
+        r.abort();
+    }
+    served?;
     info!("coordinator stopped");
     Ok(())
 }

@@ -14,8 +14,10 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
+use crate::auth::AuthContext;
 use crate::convert::{self, Defaults};
 use crate::error::ApiError;
+use pixfarm_core::auth::Action;
 
 /// How many failures `GetJob` lists (the rest are in `ListResults`).
 const MAX_FAILURES_SHOWN: usize = 100;
@@ -58,6 +60,45 @@ impl FarmService {
         let _ = self.shutdown_tx.send(true);
     }
 
+    /// A controlled job on a farm whose live workers all lack a ControlNet adapter could only
+    /// wait forever in a lane nobody serves: refuse it at submit, naming the first such item. With
+    /// no live workers at all (scaled to zero) accept it: the autoscaler starts workers per lane.
+    async fn check_control_workers(&self, spec: &pixfarm_core::JobSpec) -> Result<(), ApiError> {
+        let Some(first) = spec.items.iter().position(|i| i.control.is_some()) else {
+            return Ok(());
+        };
+        let workers = self.queue.list_workers().await?;
+        let serves_control = |w: &pixfarm_core::WorkerInfo| {
+            w.lanes
+                .iter()
+                .any(|l| l.variant == pixfarm_core::Variant::Control)
+        };
+        if workers.is_empty() || workers.iter().any(serves_control) {
+            return Ok(());
+        }
+        Err(ApiError(pixfarm_core::CoreError::Conflict(format!(
+            "items[{first}].control: none of the {} live workers has a ControlNet adapter \
+             (start workers with --controlnet DIR, or submit without control images)",
+            workers.len()
+        ))))
+    }
+
+    /// The job `id` as `ctx` may see it: another tenant's job is NOT_FOUND with
+    /// the same message as a job that does not exist, so ids cannot be probed.
+    async fn visible_job(
+        &self,
+        ctx: &AuthContext,
+        job_id: &str,
+    ) -> Result<(JobId, pixfarm_core::JobRecord), ApiError> {
+        let id = Self::parse_job_id(job_id)?;
+        let rec = self.queue.get_job(&id).await?;
+        if !ctx.sees(&rec.tenant) {
+            tracing::warn!(token = %ctx.name, tenant = %ctx.tenant, job = %id, "job of another tenant requested");
+            return Err(ApiError(pixfarm_core::CoreError::not_found("job", job_id)));
+        }
+        Ok((id, rec))
+    }
+
     fn parse_job_id(id: &str) -> Result<JobId, ApiError> {
         if id.is_empty() {
             return Err(ApiError::field("job_id", "must not be empty"));
@@ -72,7 +113,15 @@ impl FarmService {
         items: Vec<pixfarm_core::ItemSpec>,
         mut errs: Vec<ValidationError>,
     ) -> Result<pb::SubmitJobResponse, ApiError> {
-        let spec = convert::job_from_proto(header, items);
+        // The Farm methods have already resolved the tenant against the caller's token.
+        let tenant = header
+            .as_ref()
+            .map(|h| h.tenant.clone())
+            .filter(|t| !t.is_empty());
+        let mut spec = convert::job_from_proto(header, items);
+        if let Some(t) = tenant {
+            spec.tenant = t;
+        }
         if !errs.is_empty() {
             // Report the shape problems together with every other problem of the job.
             if let Err(more) = pixfarm_core::validate_job(&spec, &self.queue.config().limits) {
@@ -81,6 +130,7 @@ impl FarmService {
             errs.sort_by_key(|e| e.index.map_or(0, |i| i + 1));
             return Err(ApiError::invalid(errs));
         }
+        self.check_control_workers(&spec).await?;
         let s = self.queue.submit(spec).await?;
         info!(job = %s.job, created = s.created, tasks = s.total, "job submitted");
         Ok(pb::SubmitJobResponse {
@@ -108,25 +158,31 @@ impl FarmService {
     #[instrument(skip_all)]
     async fn submit_stream(
         &self,
+        ctx: &AuthContext,
         mut stream: Streaming<pb::SubmitJobChunk>,
-    ) -> Result<pb::SubmitJobResponse, ApiError> {
+    ) -> Result<pb::SubmitJobResponse, Status> {
         use pb::submit_job_chunk::Chunk;
         let max_items = self.queue.config().limits.max_items;
         let header = match stream.message().await.map_err(stream_error)? {
             Some(pb::SubmitJobChunk {
-                chunk: Some(Chunk::Header(h)),
-            }) => h,
+                chunk: Some(Chunk::Header(mut h)),
+            }) => {
+                h.tenant = ctx.submit_tenant(&h.tenant)?;
+                h
+            }
             Some(_) => {
                 return Err(ApiError::field(
                     "header",
                     "the first message of SubmitJobStream must be the job header",
-                ));
+                )
+                .into());
             }
             None => {
                 return Err(ApiError::field(
                     "header",
                     "the stream ended before the job header",
-                ));
+                )
+                .into());
             }
         };
         let mut items = Vec::new();
@@ -139,7 +195,8 @@ impl FarmService {
                         return Err(ApiError::field(
                             "items",
                             format!("more than {max_items} items is over the limit per job"),
-                        ));
+                        )
+                        .into());
                     }
                     for it in chunk.items {
                         let i = items.len();
@@ -150,19 +207,19 @@ impl FarmService {
                     return Err(ApiError::field(
                         "header",
                         "the job header may only be sent once, first",
-                    ));
+                    )
+                    .into());
                 }
                 None => {}
             }
         }
         tracing::Span::current().record("items", items.len());
-        self.submit(Some(header), items, errs).await
+        Ok(self.submit(Some(header), items, errs).await?)
     }
 
-    #[instrument(skip(self), fields(job = %job_id))]
-    async fn get(&self, job_id: &str) -> Result<pb::Job, ApiError> {
-        let id = Self::parse_job_id(job_id)?;
-        let rec = self.queue.get_job(&id).await?;
+    #[instrument(skip(self, ctx), fields(job = %job_id))]
+    async fn get(&self, ctx: &AuthContext, job_id: &str) -> Result<pb::Job, ApiError> {
+        let (id, rec) = self.visible_job(ctx, job_id).await?;
         let failures = if rec.counts.failed > 0 {
             self.queue
                 .all_results(&id)
@@ -179,11 +236,16 @@ impl FarmService {
     }
 
     #[instrument(skip_all)]
-    async fn list(&self, req: pb::ListJobsRequest) -> Result<pb::ListJobsResponse, ApiError> {
+    async fn list(
+        &self,
+        ctx: &AuthContext,
+        req: pb::ListJobsRequest,
+    ) -> Result<pb::ListJobsResponse, ApiError> {
         let state = pb::JobState::try_from(req.state)
             .map_err(|_| ApiError::field("state", format!("{} is not a job state", req.state)))?;
         let filter = JobFilter {
-            tenant: None,
+            // Admins list every tenant's jobs; everyone else only their own.
+            tenant: (ctx.role != pixfarm_core::auth::Role::Admin).then(|| ctx.tenant.clone()),
             states: convert::state_from_proto(state).into_iter().collect(),
             labels: req.labels.into_iter().collect(),
         };
@@ -202,9 +264,13 @@ impl FarmService {
         })
     }
 
-    #[instrument(skip(self), fields(job = %job_id))]
-    async fn cancel(&self, job_id: &str) -> Result<pb::CancelJobResponse, ApiError> {
-        let id = Self::parse_job_id(job_id)?;
+    #[instrument(skip(self, ctx), fields(job = %job_id))]
+    async fn cancel(
+        &self,
+        ctx: &AuthContext,
+        job_id: &str,
+    ) -> Result<pb::CancelJobResponse, ApiError> {
+        let (id, _) = self.visible_job(ctx, job_id).await?;
         let rec = self.queue.cancel_job(&id).await?;
         info!(job = %id, "job canceled");
         Ok(pb::CancelJobResponse {
@@ -215,9 +281,10 @@ impl FarmService {
     #[instrument(skip_all, fields(job = %req.job_id))]
     async fn results(
         &self,
+        ctx: &AuthContext,
         req: pb::ListResultsRequest,
     ) -> Result<pb::ListResultsResponse, ApiError> {
-        let id = Self::parse_job_id(&req.job_id)?;
+        let (id, _) = self.visible_job(ctx, &req.job_id).await?;
         let page = PageRequest {
             size: page_size(req.page_size, 100, 10_000),
             token: (!req.page_token.is_empty()).then_some(req.page_token),
@@ -271,17 +338,22 @@ impl Farm for FarmService {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        Ok(Response::new(
-            self.submit_unary(request.into_inner()).await?,
-        ))
+        let ctx = AuthContext::of(&request)?.clone();
+        ctx.require(Action::Submit)?;
+        let mut req = request.into_inner();
+        let header = req.job.get_or_insert_with(Default::default);
+        header.tenant = ctx.submit_tenant(&header.tenant)?;
+        Ok(Response::new(self.submit_unary(req).await?))
     }
 
     async fn submit_job_stream(
         &self,
         request: Request<Streaming<pb::SubmitJobChunk>>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let ctx = AuthContext::of(&request)?.clone();
+        ctx.require(Action::Submit)?;
         Ok(Response::new(
-            self.submit_stream(request.into_inner()).await?,
+            self.submit_stream(&ctx, request.into_inner()).await?,
         ))
     }
 
@@ -289,14 +361,20 @@ impl Farm for FarmService {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(self.get(&request.into_inner().job_id).await?))
+        let ctx = AuthContext::of(&request)?.clone();
+        ctx.require(Action::Read)?;
+        Ok(Response::new(
+            self.get(&ctx, &request.into_inner().job_id).await?,
+        ))
     }
 
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        let ctx = AuthContext::of(&request)?.clone();
+        ctx.require(Action::Read)?;
+        Ok(Response::new(self.list(&ctx, request.into_inner()).await?))
     }
 
     type WatchJobStream = EventStream;
@@ -305,10 +383,11 @@ impl Farm for FarmService {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let ctx = AuthContext::of(&request)?.clone();
+        ctx.require(Action::Read)?;
         let req = request.into_inner();
-        let id = Self::parse_job_id(&req.job_id)?;
-        // Fail fast with NOT_FOUND instead of an empty stream.
-        self.queue.get_job(&id).await.map_err(ApiError::from)?;
+        // Fail fast with NOT_FOUND instead of an empty stream (also for another tenant's job).
+        let (id, _) = self.visible_job(&ctx, &req.job_id).await?;
         let after = (!req.after_event_id.is_empty()).then_some(req.after_event_id);
         info!(job = %id, after = ?after, "watch started");
         let mut shutdown = self.shutdown.clone();
@@ -330,8 +409,10 @@ impl Farm for FarmService {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let ctx = AuthContext::of(&request)?.clone();
+        ctx.require(Action::Cancel)?;
         Ok(Response::new(
-            self.cancel(&request.into_inner().job_id).await?,
+            self.cancel(&ctx, &request.into_inner().job_id).await?,
         ))
     }
 
@@ -339,13 +420,18 @@ impl Farm for FarmService {
         &self,
         request: Request<pb::ListResultsRequest>,
     ) -> Result<Response<pb::ListResultsResponse>, Status> {
-        Ok(Response::new(self.results(request.into_inner()).await?))
+        let ctx = AuthContext::of(&request)?.clone();
+        ctx.require(Action::Read)?;
+        Ok(Response::new(
+            self.results(&ctx, request.into_inner()).await?,
+        ))
     }
 
     async fn list_workers(
         &self,
-        _request: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        AuthContext::of(&request)?.require(Action::ListWorkers)?;
         Ok(Response::new(self.workers().await?))
     }
 }

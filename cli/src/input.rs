@@ -33,6 +33,18 @@ struct LineItem {
     images_per_prompt: Option<u32>,
     #[serde(default)]
     control: Option<LineControl>,
+    /// Flat form of `control`: a local path (relative to `--control-dir`, else to the input file's
+    /// folder) or an `s3://` / `file://` URI.
+    #[serde(default)]
+    control_image: Option<String>,
+    #[serde(default)]
+    control_kind: Option<String>,
+    #[serde(default)]
+    control_scale: Option<f32>,
+    #[serde(default)]
+    control_low_threshold: Option<f32>,
+    #[serde(default)]
+    control_high_threshold: Option<f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +60,11 @@ struct LineControl {
     kind: Option<String>,
     #[serde(default)]
     scale: Option<f32>,
+    /// Canny thresholds (kind `canny` only).
+    #[serde(default)]
+    low_threshold: Option<f32>,
+    #[serde(default)]
+    high_threshold: Option<f32>,
 }
 
 /// An input error, already phrased as a sentence that names file and line.
@@ -128,6 +145,12 @@ impl Parsed {
 /// Read and parse a whole input file. Relative `control.path`s resolve
 /// against the file's own directory, so files can be moved with their images.
 pub fn read_items(path: &Path) -> Result<Parsed, InputError> {
+    read_items_in(path, None)
+}
+
+/// [`read_items`], with relative control-image paths resolved against `control_dir` when given
+/// (`pixfarm submit --control-dir`), so one folder of edge maps serves several prompt files.
+pub fn read_items_in(path: &Path, control_dir: Option<&Path>) -> Result<Parsed, InputError> {
     let contents = std::fs::read_to_string(path).map_err(|source| InputError::Read {
         path: path.display().to_string(),
         source,
@@ -136,7 +159,7 @@ pub fn read_items(path: &Path) -> Result<Parsed, InputError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string());
-    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let base_dir = control_dir.unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")));
     parse_items(&file, &contents, detect_format(path, &contents), base_dir)
 }
 
@@ -212,7 +235,40 @@ fn to_item(l: LineItem, base_dir: &Path) -> Result<Item, String> {
         width = Some(w);
         height = Some(h);
     }
-    let control = match l.control {
+    let flat = l.control_image.is_some()
+        || l.control_kind.is_some()
+        || l.control_scale.is_some()
+        || l.control_low_threshold.is_some()
+        || l.control_high_threshold.is_some();
+    let line_control = match (l.control, flat) {
+        (Some(_), true) => {
+            return Err(
+                "give either \"control\" or the flat \"control_image\"/\"control_*\" keys, not both"
+                    .into(),
+            );
+        }
+        (Some(c), false) => Some(c),
+        (None, true) => {
+            let image = l
+                .control_image
+                .ok_or("\"control_kind\"/\"control_scale\"/thresholds need a \"control_image\"")?;
+            let (uri, path) = if image.starts_with("s3://") || image.starts_with("file://") {
+                (Some(image), None)
+            } else {
+                (None, Some(PathBuf::from(image)))
+            };
+            Some(LineControl {
+                uri,
+                path,
+                kind: l.control_kind,
+                scale: l.control_scale,
+                low_threshold: l.control_low_threshold,
+                high_threshold: l.control_high_threshold,
+            })
+        }
+        (None, false) => None,
+    };
+    let control = match line_control {
         None => None,
         Some(c) => {
             let source = match (c.uri, c.path) {
@@ -233,6 +289,8 @@ fn to_item(l: LineItem, base_dir: &Path) -> Result<Item, String> {
                 source: Some(source),
                 kind: c.kind.unwrap_or_default(),
                 scale: c.scale,
+                low_threshold: c.low_threshold,
+                high_threshold: c.high_threshold,
             })
         }
     };
@@ -307,6 +365,10 @@ pub struct Overrides {
     pub steps: Option<u32>,
     /// Each item without a seed is rendered once per seed in this list.
     pub seeds: Option<Vec<u64>>,
+    /// Control kind of items whose control image names none.
+    pub control_kind: Option<String>,
+    /// Conditioning scale of items whose control image sets none.
+    pub control_scale: Option<f32>,
 }
 
 /// Fill in command-line defaults; items keep the values they set themselves.
@@ -320,6 +382,16 @@ pub fn apply_overrides(parsed: Parsed, o: &Overrides) -> Parsed {
         }
         if let Some(steps) = o.steps {
             item.steps.get_or_insert(steps);
+        }
+        if let Some(c) = item.control.as_mut() {
+            if let Some(kind) = &o.control_kind
+                && c.kind.is_empty()
+            {
+                c.kind = kind.clone();
+            }
+            if let Some(scale) = o.control_scale {
+                c.scale.get_or_insert(scale);
+            }
         }
         match (&o.seeds, item.seed) {
             (Some(seeds), None) => {
@@ -369,6 +441,58 @@ mod tests {
         assert_eq!(c.source, Some(control::Source::Uri("s3://b/k.png".into())));
         assert_eq!(c.kind, "canny");
         assert_eq!(c.scale, Some(0.5));
+    }
+
+    #[test]
+    fn flat_control_keys_and_control_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("e.png"), b"png bytes").unwrap();
+        let text = "{\"prompt\":\"a\",\"control_image\":\"e.png\",\"control_kind\":\"canny\",\
+                    \"control_scale\":0.5,\"control_low_threshold\":50,\"control_high_threshold\":150}\n\
+                    {\"prompt\":\"b\",\"control_image\":\"s3://b/k.png\"}\n";
+        let parsed = parse_items("p.jsonl", text, Format::Jsonl, dir.path()).unwrap();
+        let c0 = parsed.items[0].control.as_ref().unwrap();
+        assert_eq!(
+            c0.source,
+            Some(control::Source::Inline(b"png bytes".to_vec()))
+        );
+        assert_eq!(
+            (
+                c0.kind.as_str(),
+                c0.scale,
+                c0.low_threshold,
+                c0.high_threshold
+            ),
+            ("canny", Some(0.5), Some(50.0), Some(150.0))
+        );
+        let c1 = parsed.items[1].control.as_ref().unwrap();
+        assert_eq!(c1.source, Some(control::Source::Uri("s3://b/k.png".into())));
+
+        let o = Overrides {
+            control_kind: Some("hed".into()),
+            control_scale: Some(0.8),
+            ..Overrides::default()
+        };
+        let out = apply_overrides(parsed, &o);
+        let c0 = out.items[0].control.as_ref().unwrap();
+        assert_eq!(
+            (c0.kind.as_str(), c0.scale),
+            ("canny", Some(0.5)),
+            "line values win"
+        );
+        let c1 = out.items[1].control.as_ref().unwrap();
+        assert_eq!((c1.kind.as_str(), c1.scale), ("hed", Some(0.8)));
+
+        let both =
+            "{\"prompt\":\"a\",\"control_image\":\"e.png\",\"control\":{\"path\":\"e.png\"}}";
+        let e = parse_items("p.jsonl", both, Format::Jsonl, dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let missing = "{\"prompt\":\"a\",\"control_image\":\"nope.png\"}";
+        let e = parse_items("p.jsonl", missing, Format::Jsonl, dir.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("line 1") && e.to_string().contains("nope.png"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -472,7 +472,7 @@ impl TaskSpec {
             width: self.width,
             height: self.height,
             steps: self.steps,
-            control: self.control.as_ref().map(|c| (c.kind, c.scale.to_bits())),
+            controlled: self.control.is_some(),
         }
     }
 
@@ -485,14 +485,16 @@ impl TaskSpec {
     }
 }
 
-/// What makes tasks batchable together: same size, same step count, same control kind and scale.
+/// What makes tasks batchable together: same size, same step count, and whether they are
+/// controlled. Control kinds and scales may mix in one batch (edge maps are made per image and the
+/// adapter takes a scale per row); controlled and plain tasks are kept apart so plain images never
+/// pay for the adapter's extra blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GroupKey {
     pub width: u32,
     pub height: u32,
     pub steps: u32,
-    /// (kind, scale bits) for controlled tasks.
-    pub control: Option<(ControlKind, u32)>,
+    pub controlled: bool,
 }
 
 /// A task as delivered to one worker: the spec plus the delivery handle needed to ack, extend or

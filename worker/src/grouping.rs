@@ -1,7 +1,7 @@
 //! Grouping a pulled batch into renderable groups.
 //!
 //! The pipeline renders one size and one step count per call (one batched forward per step), so a
-//! pulled batch is split by [`GroupKey`] (width, height, steps, control kind and scale). Groups keep
+//! pulled batch is split by [`GroupKey`] (width, height, steps, controlled or not). Groups keep
 //! the order in which their first task arrived (the queue hands out higher priorities first) and
 //! tasks keep their order inside a group.
 
@@ -98,14 +98,15 @@ mod tests {
             task(2, 64, 64, 4, None),
             task(3, 64, 64, 2, None),
             task(4, 64, 64, 4, Some((ControlKind::Canny, 1.0))),
-            task(5, 64, 64, 4, Some((ControlKind::Canny, 0.5))),
+            task(5, 64, 64, 4, Some((ControlKind::Hed, 0.5))),
             task(6, 64, 64, 4, Some((ControlKind::Canny, 1.0))),
             task(7, 128, 64, 4, None),
         ];
         let groups = group_tasks(tasks, 16);
+        // Control kinds and scales share a batch; plain and controlled tasks do not.
         assert_eq!(
             indices(&groups),
-            vec![vec![0, 2], vec![1, 7], vec![3], vec![4, 6], vec![5]]
+            vec![vec![0, 2], vec![1, 7], vec![3], vec![4, 5, 6]]
         );
         for g in &groups {
             let k = g[0].spec.group_key();

@@ -30,14 +30,14 @@ log "$("$DENY" --version)"
 log "cargo deny check licenses bans sources"
 "$DENY" --manifest-path "$ROOT/Cargo.toml" check licenses bans sources
 
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
 if [ -n "${PIXFARM_ADVISORY_DB:-}" ]; then
   db=$PIXFARM_ADVISORY_DB
   log "advisories against the local mirror $db ($(git --git-dir="$db" log -1 --format='%H, %ci' 2>/dev/null || git -C "$db" log -1 --format='%H, %ci'))"
-  sed "s|^db-urls = .*|db-urls = [\"file://$db\"]|" deny.toml >"$WORK/deny.toml"
-  sed -i "s|^\[advisories\]|[advisories]\ndb-path = \"$WORK/advisory-dbs\"|" "$WORK/deny.toml"
-  "$DENY" --manifest-path "$ROOT/Cargo.toml" check --config "$WORK/deny.toml" advisories
+  # cargo-deny fetches with the git CLI; redirect its GitHub URL to the mirror for this run only
+  # (the database directory it keeps is then named exactly as for the real URL).
+  GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0="url.file://$db.insteadOf" \
+    GIT_CONFIG_VALUE_0=https://github.com/rustsec/advisory-db \
+    "$DENY" --manifest-path "$ROOT/Cargo.toml" check advisories
 elif timeout 10 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
   log "cargo deny check advisories"
   "$DENY" --manifest-path "$ROOT/Cargo.toml" check advisories

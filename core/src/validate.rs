@@ -433,7 +433,10 @@ impl LeasePolicy {
 /// an S3 bucket policy or IAM condition can be written per tenant on `{tenant}/*`. Both parts are
 /// validated at submit (tenant: `[A-Za-z0-9._-]`; prefix: relative, no `.`/`..` segments).
 pub fn object_prefix(tenant: &str, output_prefix: &str) -> String {
+    // No trailing slash, also for an empty output prefix: callers append `/{job}/…`.
     join_key(tenant, output_prefix)
+        .trim_end_matches('/')
+        .to_string()
 }
 
 /// The object key of image `index`: `{prefix}/{job}/{index:06}.png`.

@@ -487,9 +487,12 @@ impl Farm {
         exp.sort();
         if got != exp {
             bail!(
-                "objects in S3 do not match the recorded results: {} objects, {} results",
+                "objects in S3 under {dir} do not match the recorded results: {} objects, {} results \
+                 (objects {:?}, results {:?})",
                 got.len(),
-                exp.len()
+                exp.len(),
+                &got[..got.len().min(3)],
+                &exp[..exp.len().min(3)]
             );
         }
         let mut done_events = BTreeMap::new();

@@ -279,3 +279,46 @@ async fn bad_control_input_is_refused_at_submit() -> Result<()> {
         .await?;
     farm.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hed_edge_maps_are_computed_by_a_worker_with_hed_weights() -> Result<()> {
+    // The narrow random-weight HED network of the pixart golden tests (real key layout).
+    let hed = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../pixart/tests/fixtures/control/hed_narrow.safetensors"
+    ));
+    let mut farm = Farm::start(FarmOptions {
+        worker_env: vec![(
+            "PIXFARM_HED_WEIGHTS".into(),
+            hed.display().to_string(),
+        )],
+        ..Default::default()
+    })
+    .await?;
+    farm.spawn_worker("w-hed")?;
+    let job = farm
+        .submit(
+            vec![
+                item("a bird", 1, Some(inline(png(&photo(80, 96)), "hed", 1.0))),
+                item("a boat", 2, Some(inline(png(&photo(64, 64)), "hed", 0.7))),
+            ],
+            pb::JobSpec::default(),
+        )
+        .await?;
+    let j = farm.wait(&job, LONG).await?;
+    assert_eq!(j.state(), pb::JobState::Succeeded, "{j:?}\n{}", farm.worker_logs());
+    for r in farm.results(&job).await? {
+        assert_eq!(r.control_kind, "hed");
+        let e = image_at(&farm, &r.control_key).await?;
+        assert_eq!(e.dimensions(), (64, 64));
+        // One edge channel repeated three times, and not flat.
+        assert!(e.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]));
+        let (lo, hi) = e
+            .pixels()
+            .fold((255u8, 0u8), |(lo, hi), p| (lo.min(p.0[0]), hi.max(p.0[0])));
+        assert!(hi > lo, "a flat HED map");
+    }
+    let once = farm.check_exactly_once(&j).await?;
+    assert_eq!(once.objects, 2);
+    farm.shutdown().await
+}

@@ -30,7 +30,9 @@ pub struct Limits {
     pub max_steps: u32,
     /// Inline control image bytes.
     pub max_control_bytes: usize,
-    /// Smallest control image side, in pixels (checked from the header at submit).
+    /// Smallest control image side, in pixels (checked from the header at submit). The default
+    /// equals the workers' own floor (`pixart::control::MIN_CONTROL_SIDE`), so an image accepted
+    /// here is never refused by a worker for its size.
     pub min_control_side: u32,
     pub max_labels: usize,
     pub max_label_bytes: usize,
@@ -51,7 +53,7 @@ impl Default for Limits {
             size_multiple: 16,
             max_steps: 8,
             max_control_bytes: 8 * 1024 * 1024,
-            min_control_side: 16,
+            min_control_side: 64,
             max_labels: 32,
             max_label_bytes: 256,
             max_prefix_bytes: 512,
@@ -626,7 +628,7 @@ mod tests {
         );
 
         let mut png = Vec::new();
-        image::RgbImage::new(32, 32)
+        image::RgbImage::new(64, 64)
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .unwrap();
         let good = ok_item().with_control(ControlSpec {
@@ -643,7 +645,7 @@ mod tests {
     fn canny_thresholds() {
         let with = |kind, lo: Option<f32>, hi: Option<f32>| {
             ok_item().with_control(ControlSpec {
-                source: ControlSource::Uri("s3://b/k.png".into()),
+                source: ControlSource::Uri("s3://bucket/k.png".into()),
                 kind,
                 scale: 1.0,
                 low_threshold: lo,

@@ -89,7 +89,7 @@ async fn renders_records_and_drains() -> Result<()> {
 
     // A control task whose image has a valid PNG header but truncated pixel data: fails on every attempt.
     let mut png = Vec::new();
-    image::RgbImage::new(32, 32)
+    image::RgbImage::new(64, 64)
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
     // Keep the header (so submit accepts it) and cut the pixel data short.
     let idat = png

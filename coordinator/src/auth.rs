@@ -246,11 +246,8 @@ impl Authenticator {
                 #[cfg(not(unix))]
                 tick.tick().await;
                 let t = this.clone();
-                match tokio::task::spawn_blocking(move || t.reload()).await {
-                    Ok(Err(e)) => {
-                        error!(error = %e, "tokens file NOT reloaded; the previous tokens stay in force")
-                    }
-                    Ok(Ok(_)) | Err(_) => {}
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || t.reload()).await {
+                    error!(error = %e, "tokens file NOT reloaded; the previous tokens stay in force");
                 }
             }
         }))

@@ -493,8 +493,8 @@ async fn tenants_cannot_see_or_touch_each_others_jobs() -> Result<()> {
         .list_jobs(pb::ListJobsRequest::default())
         .await?
         .into_inner());
-    assert_eq!(la, [ja.clone()]);
-    assert_eq!(lb, [jb.clone()]);
+    assert_eq!(la, [ja.as_str()]);
+    assert_eq!(lb, [jb.as_str()]);
     assert_eq!(lr.len(), 2);
 
     // Naming another tenant at submit: refused for B, allowed for the admin.

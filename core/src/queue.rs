@@ -285,7 +285,10 @@ impl Queue {
 
     /// Validates and enqueues a job: one stream entry per image. Nothing is written for an invalid
     /// job. With an idempotency key, a repeated submit of the same spec returns the first job
-    /// (`created: false`); the same key with a different spec is a `Conflict`.
+    /// (`created: false`); the same key with a different spec is a `Conflict`. A tenant over its
+    /// `max_queued_tasks` quota or its submit rate gets `QuotaExceeded` (with a retry hint for
+    /// the rate), and nothing is written. Tasks go to the job's fair-share backlog and reach the
+    /// lane streams through the refill (see [`crate::fair`]).
     #[instrument(skip_all, fields(tenant = %spec.tenant, items = spec.items.len()))]
     pub async fn submit(&self, mut spec: JobSpec) -> Result<Submitted> {
         validate_job(&spec, &self.config.limits).map_err(CoreError::Invalid)?;

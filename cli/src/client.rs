@@ -166,6 +166,9 @@ pub fn status_error(status: Status, what: &str, input: Option<&Parsed>) -> anyho
             status.message()
         ),
         Code::DeadlineExceeded => format!("{what}: timed out ({})", status.message()),
+        Code::Unauthenticated if status.message().contains("PIXFARM_TOKEN") => {
+            format!("{what}: not authenticated ({})", status.message())
+        }
         Code::Unauthenticated => format!(
             "{what}: not authenticated ({}); set PIXFARM_TOKEN or `token` in ~/.config/pixfarm/config.toml",
             status.message()

@@ -587,6 +587,7 @@ mod tests {
             size: Some((64, 64)),
             steps: Some(2),
             seeds: Some(vec![10, 11]),
+            ..Default::default()
         };
         let parsed = Parsed {
             file: "f".into(),

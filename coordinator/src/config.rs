@@ -63,7 +63,12 @@ pub struct CoordinatorConfig {
     pub fair: FairArgs,
 
     /// Lifetime of presigned result URLs, in seconds.
-    #[arg(long, visible_alias = "presign-ttl", env = "PIXFARM_PRESIGN_EXPIRY_SECS", default_value_t = 3600)]
+    #[arg(
+        long,
+        visible_alias = "presign-ttl",
+        env = "PIXFARM_PRESIGN_EXPIRY_SECS",
+        default_value_t = 3600
+    )]
     pub presign_expiry_secs: u64,
 
     /// Serve Prometheus metrics on `http://ADDR/metrics` (e.g. `0.0.0.0:9090`).

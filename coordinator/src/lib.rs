@@ -35,11 +35,11 @@ pub mod tls;
 
 use std::future::Future;
 
+pub use auth::{AuthContext, Authenticator};
 pub use config::CoordinatorConfig;
 pub use error::ApiError;
 use pixfarm_core::{CoreError, Queue, Storage};
 use pixfarm_proto::v1::farm_server::FarmServer;
-pub use auth::{AuthContext, Authenticator};
 pub use service::FarmService;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -94,8 +94,7 @@ impl ServeOptions {
     ) -> Result<Self, CoordinatorError> {
         Ok(Self {
             max_message_bytes: config.max_message_bytes,
-            auth: Authenticator::from_args(&config.auth, listen)
-                .map_err(CoordinatorError::Auth)?,
+            auth: Authenticator::from_args(&config.auth, listen).map_err(CoordinatorError::Auth)?,
             tls: config.tls.server_config()?,
         })
     }

@@ -14,7 +14,6 @@
 //! Metric names are listed in `deploy/README.md`.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
@@ -25,9 +24,8 @@ use pixfarm_proto::v1 as pb;
 use pixfarm_proto::v1::farm_server::Farm;
 use redis::Value;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 /// Where the fair-share backlog counts live (see `core/src/fair.rs`).
 const BACKLOG_KEY: &str = "pf:fair:backlog";
@@ -43,41 +41,19 @@ const SECONDS_BUCKETS: &[f64] = &[
 ];
 
 /// Why the metrics endpoint could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("cannot listen for /metrics on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot build the Prometheus recorder: {0}")]
-    Build(String),
-    #[error(
-        "another metrics recorder is already installed in this process, so /metrics cannot be served"
-    )]
-    AlreadyInstalled,
-}
+pub use pixfarm_core::metrics_http::{MetricsError, MetricsServer};
 
-static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
-
-/// Installs the process-wide Prometheus recorder once and returns its handle;
-/// later calls (a second coordinator in the same test process) share it.
+/// The recorder, with second-scale histogram buckets.
 pub fn install() -> Result<PrometheusHandle, MetricsError> {
-    let r = HANDLE.get_or_init(|| {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-            .map_err(|e| e.to_string())?;
-        let recorder = builder.build_recorder();
-        let handle = recorder.handle();
-        metrics::set_global_recorder(recorder).map_err(|_| "already installed".to_string())?;
-        describe();
-        Ok(handle)
-    });
-    match r {
-        Ok(h) => Ok(h.clone()),
-        Err(e) if e == "already installed" => Err(MetricsError::AlreadyInstalled),
-        Err(e) => Err(MetricsError::Build(e.clone())),
-    }
+    pixfarm_core::metrics_http::install(
+        || {
+            Ok(PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .build_recorder())
+        },
+        describe,
+    )
 }
 
 fn describe() {
@@ -133,74 +109,17 @@ fn describe() {
     );
 }
 
-/// The `/metrics` endpoint and the queue poller; both stop when this is dropped.
-pub struct MetricsServer {
-    addr: SocketAddr,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl MetricsServer {
-    /// The address `/metrics` is served on (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
 /// Binds `addr` and serves `/metrics` (and `/healthz`) there, refreshing the
 /// queue gauges from `queue` every [`POLL_INTERVAL`].
 pub async fn start(addr: SocketAddr, queue: Queue) -> Result<MetricsServer, MetricsError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
-    start_on(listener, queue)
+    start_on(pixfarm_core::metrics_http::bind(addr).await?, queue)
 }
 
 /// Like [`start`] on an already bound listener (tests bind `127.0.0.1:0`).
 pub fn start_on(listener: TcpListener, queue: Queue) -> Result<MetricsServer, MetricsError> {
     let handle = install()?;
-    let addr = listener.local_addr().map_err(|source| MetricsError::Bind {
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
-    info!(%addr, "serving Prometheus metrics on /metrics");
-    let http = tokio::spawn(serve_http(listener, handle.clone()));
-    let poll = tokio::spawn(poll_queue(queue, handle));
-    Ok(MetricsServer {
-        addr,
-        tasks: vec![http, poll],
-    })
-}
-
-async fn serve_http(listener: TcpListener, handle: PrometheusHandle) {
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let h = handle.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        h.render(),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }));
-    if let Err(e) = axum::serve(listener, app).await {
-        warn!(error = %e, "the /metrics server stopped");
-    }
+    let poll = tokio::spawn(poll_queue(queue, handle.clone()));
+    MetricsServer::start(listener, handle, vec![poll])
 }
 
 /// Refreshes the queue gauges and runs the recorder's upkeep (histogram

@@ -178,11 +178,9 @@ impl FarmService {
                 .into());
             }
             None => {
-                return Err(ApiError::field(
-                    "header",
-                    "the stream ended before the job header",
-                )
-                .into());
+                return Err(
+                    ApiError::field("header", "the stream ended before the job header").into(),
+                );
             }
         };
         let mut items = Vec::new();

@@ -59,6 +59,8 @@
 pub mod auth;
 pub mod error;
 pub mod fair;
+#[cfg(feature = "metrics-http")]
+pub mod metrics_http;
 pub mod model;
 pub mod queue;
 mod scripts;

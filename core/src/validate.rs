@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
 use crate::model::{
-    ControlKind, ControlRef, ControlSource, ControlSpec, ItemSpec, JobId, JobSpec, TaskControl, TaskSpec,
+    ControlKind, ControlRef, ControlSource, ControlSpec, ItemSpec, JobId, JobSpec, TaskControl,
+    TaskSpec,
 };
 
 /// Limits on everything a client controls. The defaults suit PixArt-LCM (sizes up to 2048², T5's
@@ -592,9 +593,21 @@ mod tests {
             assert!(check_prefix(bad, 100).is_err(), "{bad}");
         }
         assert!(check_prefix("a\\b", 100).unwrap_err().contains("`\\`"));
-        assert!(check_prefix("a\u{7}b", 100).unwrap_err().contains("control"));
-        assert!(check_prefix("\u{ff0f}x", 100).unwrap_err().contains("U+FF0F"));
-        assert!(check_prefix(&"a".repeat(101), 100).unwrap_err().contains("limit of 100"));
+        assert!(
+            check_prefix("a\u{7}b", 100)
+                .unwrap_err()
+                .contains("control")
+        );
+        assert!(
+            check_prefix("\u{ff0f}x", 100)
+                .unwrap_err()
+                .contains("U+FF0F")
+        );
+        assert!(
+            check_prefix(&"a".repeat(101), 100)
+                .unwrap_err()
+                .contains("limit of 100")
+        );
         for good in ["a", "a/b/", "team-1/run_2.x=3"] {
             check_prefix(good, 100).unwrap();
         }
@@ -669,7 +682,11 @@ mod tests {
                 "items[3].control.low_threshold"
             ]
         );
-        assert!(errs[3].message.contains("only applies to control kind `canny`"));
+        assert!(
+            errs[3]
+                .message
+                .contains("only applies to control kind `canny`")
+        );
     }
 
     #[test]
@@ -695,10 +712,7 @@ mod tests {
         assert_eq!(tasks[3].seed, s2);
         assert_eq!(tasks[4].seed, s2 + 1);
         assert_eq!(tasks[4].item, 1);
-        assert_eq!(
-            tasks[2].output_key,
-            format!("default/out/{job}/000002.png")
-        );
+        assert_eq!(tasks[2].output_key, format!("default/out/{job}/000002.png"));
         assert_eq!(
             LeasePolicy {
                 base_ms: 1000,

@@ -69,7 +69,11 @@ fn inline(bytes: Vec<u8>, kind: &str, scale: f32) -> pb::Control {
 }
 
 async fn image_at(farm: &Farm, key: &str) -> Result<RgbImage> {
-    let bytes = farm.storage.get(key).await.with_context(|| key.to_string())?;
+    let bytes = farm
+        .storage
+        .get(key)
+        .await
+        .with_context(|| key.to_string())?;
     Ok(image::load_from_memory(&bytes)?.to_rgb8())
 }
 
@@ -95,11 +99,7 @@ async fn controlled_job_renders_and_stores_its_edge_maps() -> Result<()> {
 
     // A control image in the bucket, referenced by URI (any size: the worker fits it).
     farm.storage
-        .put(
-            "inputs/photo.png",
-            png(&photo(96, 80)).into(),
-            "image/png",
-        )
+        .put("inputs/photo.png", png(&photo(96, 80)).into(), "image/png")
         .await?;
     let prompt = "a house on a hill";
     let edges = png(&edge_map(64, 64));
@@ -134,7 +134,12 @@ async fn controlled_job_renders_and_stores_its_edge_maps() -> Result<()> {
         )
         .await?;
     let j = farm.wait(&job, LONG).await?;
-    assert_eq!(j.state(), pb::JobState::Partial, "{j:?}\n{}", farm.worker_logs());
+    assert_eq!(
+        j.state(),
+        pb::JobState::Partial,
+        "{j:?}\n{}",
+        farm.worker_logs()
+    );
     assert_eq!((j.done, j.failed), (4, 1));
     assert_eq!(j.failures[0].index, 4);
     assert!(
@@ -152,8 +157,14 @@ async fn controlled_job_renders_and_stores_its_edge_maps() -> Result<()> {
         let stem = r.key.strip_suffix(".png").expect("png key");
         assert_eq!(r.control_key, format!("{stem}.control.png"));
     }
-    assert_eq!((by(1).control_kind.as_str(), by(1).control_scale), ("edge", 1.0));
-    assert_eq!((by(3).control_kind.as_str(), by(3).control_scale), ("canny", 0.5));
+    assert_eq!(
+        (by(1).control_kind.as_str(), by(1).control_scale),
+        ("edge", 1.0)
+    );
+    assert_eq!(
+        (by(3).control_kind.as_str(), by(3).control_scale),
+        ("canny", 0.5)
+    );
 
     // The stored edge maps: an `edge` image is used as given (already 64×64); the Canny map of
     // the 96×80 photo is made at 64×64 and is binary.
@@ -162,8 +173,14 @@ async fn controlled_job_renders_and_stores_its_edge_maps() -> Result<()> {
     let e3 = image_at(&farm, &by(3).control_key).await?;
     assert_eq!(e3.dimensions(), (64, 64));
     let white = e3.pixels().filter(|p| p.0 == [255, 255, 255]).count();
-    assert!(e3.pixels().all(|p| p.0 == [0, 0, 0] || p.0 == [255, 255, 255]));
-    assert!(white > 20, "the photo's shapes give edges ({white} edge pixels)");
+    assert!(
+        e3.pixels()
+            .all(|p| p.0 == [0, 0, 0] || p.0 == [255, 255, 255])
+    );
+    assert!(
+        white > 20,
+        "the photo's shapes give edges ({white} edge pixels)"
+    );
 
     // Control changes the image; scale 0 gives the base model's image (same prompt and seed),
     // up to the ±1-level batch-rounding noted in ARCHITECTURE.md.
@@ -171,9 +188,15 @@ async fn controlled_job_renders_and_stores_its_edge_maps() -> Result<()> {
     let guided = image_at(&farm, &by(1).key).await?;
     let zero = image_at(&farm, &by(2).key).await?;
     let (zmax, _) = diff(&base, &zero);
-    assert!(zmax <= 2, "scale 0 differs from the base image by {zmax} levels");
+    assert!(
+        zmax <= 2,
+        "scale 0 differs from the base image by {zmax} levels"
+    );
     let (_, gmean) = diff(&base, &guided);
-    assert!(gmean > 2.0, "control barely changed the image (mean {gmean:.2} levels)");
+    assert!(
+        gmean > 2.0,
+        "control barely changed the image (mean {gmean:.2} levels)"
+    );
 
     // The manifest names each edge map and its parameters.
     let manifest = farm.storage.get(&j.manifest_key).await?;
@@ -181,7 +204,12 @@ async fn controlled_job_renders_and_stores_its_edge_maps() -> Result<()> {
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
-    let line = |i: u64| lines.iter().find(|l| l["index"] == i).expect("manifest line");
+    let line = |i: u64| {
+        lines
+            .iter()
+            .find(|l| l["index"] == i)
+            .expect("manifest line")
+    };
     assert_eq!(line(3)["parameters"]["control_key"], by(3).control_key);
     assert_eq!(line(3)["parameters"]["control"]["kind"], "canny");
     assert_eq!(line(3)["parameters"]["control"]["low_threshold"], 50.0);
@@ -200,11 +228,31 @@ async fn bad_control_input_is_refused_at_submit() -> Result<()> {
     let mut truncated = edges.clone();
     truncated.truncate(40);
     let cases: Vec<(&str, pb::Control, &str)> = vec![
-        ("scale", inline(edges.clone(), "edge", 2.5), "items[0].control.scale"),
-        ("kind", inline(edges.clone(), "sobel", 1.0), "items[0].control.kind"),
-        ("garbage", inline(b"not an image".to_vec(), "edge", 1.0), "items[0].control.image"),
-        ("truncated header", inline(truncated, "edge", 1.0), "items[0].control.image"),
-        ("tiny", inline(png(&RgbImage::new(8, 8)), "edge", 1.0), "items[0].control.image"),
+        (
+            "scale",
+            inline(edges.clone(), "edge", 2.5),
+            "items[0].control.scale",
+        ),
+        (
+            "kind",
+            inline(edges.clone(), "sobel", 1.0),
+            "items[0].control.kind",
+        ),
+        (
+            "garbage",
+            inline(b"not an image".to_vec(), "edge", 1.0),
+            "items[0].control.image",
+        ),
+        (
+            "truncated header",
+            inline(truncated, "edge", 1.0),
+            "items[0].control.image",
+        ),
+        (
+            "tiny",
+            inline(png(&RgbImage::new(8, 8)), "edge", 1.0),
+            "items[0].control.image",
+        ),
         (
             "oversized",
             inline(vec![0u8; 9 << 20], "edge", 1.0),
@@ -288,10 +336,7 @@ async fn hed_edge_maps_are_computed_by_a_worker_with_hed_weights() -> Result<()>
         "/../pixart/tests/fixtures/control/hed_narrow.safetensors"
     ));
     let mut farm = Farm::start(FarmOptions {
-        worker_env: vec![(
-            "PIXFARM_HED_WEIGHTS".into(),
-            hed.display().to_string(),
-        )],
+        worker_env: vec![("PIXFARM_HED_WEIGHTS".into(), hed.display().to_string())],
         ..Default::default()
     })
     .await?;
@@ -306,7 +351,12 @@ async fn hed_edge_maps_are_computed_by_a_worker_with_hed_weights() -> Result<()>
         )
         .await?;
     let j = farm.wait(&job, LONG).await?;
-    assert_eq!(j.state(), pb::JobState::Succeeded, "{j:?}\n{}", farm.worker_logs());
+    assert_eq!(
+        j.state(),
+        pb::JobState::Succeeded,
+        "{j:?}\n{}",
+        farm.worker_logs()
+    );
     for r in farm.results(&job).await? {
         assert_eq!(r.control_kind, "hed");
         let e = image_at(&farm, &r.control_key).await?;

@@ -458,6 +458,10 @@ mod tests {
             ]
         );
         c.lanes = vec![Lane::new(Priority::Normal, Variant::Control)];
-        assert_eq!(c.lanes_served(), c.lanes, "explicit control lanes are kept as given");
+        assert_eq!(
+            c.lanes_served(),
+            c.lanes,
+            "explicit control lanes are kept as given"
+        );
     }
 }

@@ -224,7 +224,10 @@ impl Engine {
     }
 
     /// Edge maps for control images, in order; each error says why that image cannot guide a render.
-    pub async fn edge_maps(&self, jobs: Vec<EdgeJob>) -> Vec<Result<image::RgbImage, ControlError>> {
+    pub async fn edge_maps(
+        &self,
+        jobs: Vec<EdgeJob>,
+    ) -> Vec<Result<image::RgbImage, ControlError>> {
         let n = jobs.len();
         let (reply, rx) = oneshot::channel();
         let gone = || vec![Err(ControlError::retryable("the engine thread has stopped")); n];

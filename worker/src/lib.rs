@@ -488,8 +488,12 @@ async fn upload_and_record(
                     let key = edge_map_key(&task.spec.output_key);
                     let png = match tokio::task::spawn_blocking(move || encode_png(&edge)).await {
                         Ok(Ok(p)) => p,
-                        Ok(Err(e)) => return Err((task, format!("edge map PNG encoding failed: {e}"))),
-                        Err(e) => return Err((task, format!("edge map PNG encoding panicked: {e}"))),
+                        Ok(Err(e)) => {
+                            return Err((task, format!("edge map PNG encoding failed: {e}")));
+                        }
+                        Err(e) => {
+                            return Err((task, format!("edge map PNG encoding panicked: {e}")));
+                        }
                     };
                     if let Err(e) = shared.storage.put(&key, png, "image/png").await {
                         return Err((task, format!("edge map upload failed: {e}")));

@@ -13,14 +13,11 @@
 //! Metric names are listed in `deploy/README.md`.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::config::DeviceSpec;
 
@@ -37,46 +34,26 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 const POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Why the metrics endpoint could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("cannot listen for /metrics on {addr} (PIXFARM_METRICS_ADDR): {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot build the Prometheus recorder: {0}")]
-    Build(String),
-    #[error(
-        "another metrics recorder is already installed in this process, so /metrics cannot be served"
-    )]
-    AlreadyInstalled,
-}
+pub use pixfarm_core::metrics_http::{MetricsError, MetricsServer};
 
-static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
-
+/// The recorder: global label `worker`, second-scale and batch-size buckets.
 fn install(worker_id: &str) -> Result<PrometheusHandle, MetricsError> {
-    let r = HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .add_global_label("worker", worker_id)
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Full("pixfarm_worker_batch_size".into()),
-                    BATCH_BUCKETS,
-                )
-            })
-            .map_err(|e| e.to_string())?
-            .build_recorder();
-        let handle = recorder.handle();
-        metrics::set_global_recorder(recorder).map_err(|_| "already installed".to_string())?;
-        describe();
-        Ok(handle)
-    });
-    match r {
-        Ok(h) => Ok(h.clone()),
-        Err(e) if e == "already installed" => Err(MetricsError::AlreadyInstalled),
-        Err(e) => Err(MetricsError::Build(e.clone())),
-    }
+    pixfarm_core::metrics_http::install(
+        || {
+            Ok(PrometheusBuilder::new()
+                .add_global_label("worker", worker_id)
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("pixfarm_worker_batch_size".into()),
+                        BATCH_BUCKETS,
+                    )
+                })
+                .map_err(|e| e.to_string())?
+                .build_recorder())
+        },
+        describe,
+    )
 }
 
 fn describe() {
@@ -159,26 +136,6 @@ fn describe() {
     );
 }
 
-/// The `/metrics` endpoint and its poller; both stop when this is dropped.
-pub struct MetricsServer {
-    addr: SocketAddr,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl MetricsServer {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
 /// Installs the recorder (labelled with `worker_id`) and serves `/metrics`
 /// and `/healthz` on `addr`.
 pub async fn start(
@@ -187,43 +144,9 @@ pub async fn start(
     device: DeviceSpec,
 ) -> Result<MetricsServer, MetricsError> {
     let handle = install(worker_id)?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| MetricsError::Bind { addr, source })?;
-    info!(%addr, "serving Prometheus metrics on /metrics");
-    let http = tokio::spawn(serve_http(listener, handle.clone()));
-    let poll = tokio::spawn(poll(handle, device));
-    Ok(MetricsServer {
-        addr,
-        tasks: vec![http, poll],
-    })
-}
-
-async fn serve_http(listener: TcpListener, handle: PrometheusHandle) {
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let h = handle.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        h.render(),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }));
-    if let Err(e) = axum::serve(listener, app).await {
-        warn!(error = %e, "the /metrics server stopped");
-    }
+    let listener = pixfarm_core::metrics_http::bind(addr).await?;
+    let poll = tokio::spawn(poll(handle.clone(), device));
+    MetricsServer::start(listener, handle, vec![poll])
 }
 
 async fn poll(handle: PrometheusHandle, device: DeviceSpec) {

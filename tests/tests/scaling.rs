@@ -19,8 +19,11 @@ use pixfarm_proto::v1 as pb;
 
 const N: usize = 2000;
 const LONG: Duration = Duration::from_secs(600);
-/// Length of each throughput window.
-const WINDOW: Duration = Duration::from_secs(12);
+/// Images finished in each throughput window. Windows are counted in images, not seconds, so the
+/// test works at any speed: 40 + 300 + 500 images and the joins leave about half of the 2,000 for
+/// the SIGTERM phase, on a quiet machine as on a loaded one.
+const WINDOW_1: u64 = 300;
+const WINDOW_4: u64 = 500;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -91,9 +94,11 @@ async fn workers_join_and_drain_mid_job_without_loss_or_duplicates() -> Result<(
 
     // Phase 1: one worker.
     farm.spawn_worker("s1")?;
-    farm.wait_until(&job, LONG, |j| j.done >= 40).await?;
-    let p1 = (now_ms(), now_ms() + WINDOW.as_millis() as i64);
-    tokio::time::sleep(WINDOW).await;
+    let d1 = farm.wait_until(&job, LONG, |j| j.done >= 40).await?.done;
+    let p1_start = now_ms();
+    farm.wait_until(&job, LONG, |j| j.done >= d1 + WINDOW_1)
+        .await?;
+    let p1 = (p1_start, now_ms());
 
     // Phase 2: three more join; the window starts once all three hold tasks.
     for id in ["s2", "s3", "s4"] {
@@ -105,8 +110,11 @@ async fn workers_join_and_drain_mid_job_without_loss_or_duplicates() -> Result<(
         })
         .await?;
     }
-    let p2 = (now_ms(), now_ms() + WINDOW.as_millis() as i64);
-    tokio::time::sleep(WINDOW).await;
+    let p2_start = now_ms();
+    let d2 = farm.get(&job).await?.done;
+    farm.wait_until(&job, LONG, |j| j.done >= d2 + WINDOW_4)
+        .await?;
+    let p2 = (p2_start, now_ms());
 
     // Phase 3: SIGTERM to s2 and s3 while both hold a batch.
     until("s2 and s3 hold a batch", LONG, &farm, || async {

@@ -257,7 +257,16 @@ async fn submit_and_wait(args: &DevArgs, addr: &str, store: &Path) -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(100)).await;
         job = client::get_job(&mut c, &resp.job_id).await?;
     }
-    let job_dir = store.join("dev").join(&resp.job_id);
+    // Objects live under `{tenant}/{prefix}/{job}/` (the tenant is `default` without auth).
+    let tenant = job
+        .spec
+        .as_ref()
+        .map(|s| s.tenant.as_str())
+        .filter(|t| !t.is_empty())
+        .unwrap_or(pixfarm_core::model::DEFAULT_TENANT);
+    let job_dir = store
+        .join(pixfarm_core::object_prefix(tenant, "dev"))
+        .join(&resp.job_id);
     println!(
         "job {} {}: {} images done, {} failed",
         job.id,

@@ -162,7 +162,10 @@ mod tests {
         let reference =
             candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F64)?)?.to_dtype(DType::F32)?;
         let err = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(err < 1e-6, "softmax {err}");
+        // fast_exp's relative error (< 5e-7) enters both the numerator and the row sum, so a
+        // probability near 1 may be off by ~1e-6 plus rounding; the input is unseeded, so keep
+        // headroom (a 1.01e-6 draw made a 1e-6 bound flaky).
+        assert!(err < 3e-6, "softmax {err}");
         Ok(())
     }
 }

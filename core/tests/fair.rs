@@ -1,14 +1,17 @@
 //! Fair share, quotas and the submit rate limit, against a real `redis-server` (one per test).
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
+use common::{base, ok_result as ok};
 use pixfarm_core::testing::{RedisOptions, RedisServer};
 use pixfarm_core::{
     CoreError, Failed, FairConfig, ItemSpec, JobFilter, JobId, JobSpec, JobState, Lane,
-    LeasePolicy, PageRequest, Priority, Queue, QueueConfig, QuotaKind, Recorded, Task, TaskResult,
-    TenantQuota, TenantQuotas, TenantUsage, Timings, Variant,
+    LeasePolicy, PageRequest, Priority, Queue, QueueConfig, QuotaKind, Recorded, Task, TenantQuota,
+    TenantQuotas, TenantUsage, Variant,
 };
 
 const LEASE_MS: u64 = 300;
@@ -44,20 +47,6 @@ fn job(tenant: &str, n: usize) -> JobSpec {
     );
     s.tenant = tenant.to_string();
     s
-}
-
-fn base() -> Vec<Lane> {
-    Lane::all_of(Variant::Base)
-}
-
-fn ok(task: &Task, worker: &str) -> TaskResult {
-    TaskResult::succeeded(
-        task,
-        task.spec.output_key.clone(),
-        format!("sha-{}", task.spec.index),
-        worker,
-        Timings::default(),
-    )
 }
 
 fn quotas_for(tenant: &str, q: TenantQuota) -> TenantQuotas {

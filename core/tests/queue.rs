@@ -1,14 +1,17 @@
 //! Queue tests against a real `redis-server` (one per test, on a free port).
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Result;
+use common::{base, ok_result};
 use pixfarm_core::testing::{RedisOptions, RedisServer};
 use pixfarm_core::{
     CoreError, EventKind, Failed, ItemSpec, JobFilter, JobId, JobSpec, JobState, Lane, LeasePolicy,
     PageRequest, Priority, Queue, QueueConfig, Recorded, ResultStatus, Storage, Task, TaskResult,
-    Timings, Variant, WorkerInfo,
+    Variant, WorkerInfo,
 };
 
 const LEASE_MS: u64 = 300;
@@ -37,20 +40,6 @@ fn job(n: usize) -> JobSpec {
         (0..n)
             .map(|i| ItemSpec::new(format!("prompt {i}"), 64, 64).with_seed(i as u64 * 10))
             .collect(),
-    )
-}
-
-fn base() -> Vec<Lane> {
-    Lane::all_of(Variant::Base)
-}
-
-fn ok_result(task: &Task, worker: &str) -> TaskResult {
-    TaskResult::succeeded(
-        task,
-        task.spec.output_key.clone(),
-        format!("sha-{}", task.spec.index),
-        worker,
-        Timings::default(),
     )
 }
 

@@ -358,14 +358,8 @@ pub mod conformance {
 
     use super::{ControlCondition, ControlNetAdapter};
     use crate::transformer::PixArtTransformer;
+    use crate::transformer::conformance::{base_inputs, input};
     use crate::{Error, Result};
-
-    fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
-        inputs.get(name).ok_or_else(|| Error::Tensor {
-            name: name.into(),
-            message: "missing from the inputs".into(),
-        })
-    }
 
     /// The optional `conditioning_scale` input (default 1.0): one value, or one per batch row.
     pub fn conditioning_scale(inputs: &HashMap<String, Tensor>) -> Result<Vec<f32>> {
@@ -391,24 +385,16 @@ pub mod conformance {
         adapter: &ControlNetAdapter,
         inputs: &HashMap<String, Tensor>,
     ) -> Result<Tensor> {
-        let x = input(inputs, "hidden_states")?;
-        let t = input(inputs, "timestep")?;
-        let y = input(inputs, "encoder_hidden_states")?;
-        let mask = input(inputs, "encoder_attention_mask")?;
-        let res_ar = if model.config.use_additional_conditions {
-            Some((input(inputs, "resolution")?, input(inputs, "aspect_ratio")?))
-        } else {
-            None
-        };
+        let b = base_inputs(model, inputs)?;
         let cz = input(inputs, "controlnet_cond")?;
         let scale = conditioning_scale(inputs)?;
         adapter.forward(
             model,
-            x,
-            t,
-            y,
-            Some(mask),
-            res_ar,
+            b.x,
+            b.t,
+            b.y,
+            Some(b.mask),
+            b.res_ar,
             &ControlCondition {
                 latents: cz,
                 scale: &scale,

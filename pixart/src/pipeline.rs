@@ -774,18 +774,12 @@ pub mod conformance {
     use crate::scheduler::{LcmScheduler, LcmSchedulerConfig};
     use crate::text_encoder::TextEncoder;
     use crate::transformer::PixArtTransformer;
+    use crate::transformer::conformance::input;
     use crate::vae::Vae;
     use crate::{Error, Result};
 
     /// Named tensors in, named tensors out.
     pub type Tensors = HashMap<String, Tensor>;
-
-    fn input<'a>(inputs: &'a Tensors, name: &str) -> Result<&'a Tensor> {
-        inputs.get(name).ok_or_else(|| Error::Tensor {
-            name: name.into(),
-            message: "missing from the inputs".into(),
-        })
-    }
 
     fn rank(t: &Tensor, name: &str, r: usize, what: &str) -> Result<()> {
         if t.rank() != r {

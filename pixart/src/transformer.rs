@@ -450,10 +450,37 @@ pub mod conformance {
     use super::PixArtTransformer;
     use crate::{Error, Result};
 
-    fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
+    /// A named input of the contract, or an error naming the missing tensor (shared by every mode).
+    pub(crate) fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
         inputs.get(name).ok_or_else(|| Error::Tensor {
             name: name.into(),
             message: "missing from the inputs".into(),
+        })
+    }
+
+    /// The base forward's inputs, as the `transformer` mode names them (also the controlled mode's).
+    pub(crate) struct BaseInputs<'a> {
+        pub x: &'a Tensor,
+        pub t: &'a Tensor,
+        pub y: &'a Tensor,
+        pub mask: &'a Tensor,
+        pub res_ar: Option<(&'a Tensor, &'a Tensor)>,
+    }
+
+    pub(crate) fn base_inputs<'a>(
+        model: &PixArtTransformer,
+        inputs: &'a HashMap<String, Tensor>,
+    ) -> Result<BaseInputs<'a>> {
+        Ok(BaseInputs {
+            x: input(inputs, "hidden_states")?,
+            t: input(inputs, "timestep")?,
+            y: input(inputs, "encoder_hidden_states")?,
+            mask: input(inputs, "encoder_attention_mask")?,
+            res_ar: if model.config.use_additional_conditions {
+                Some((input(inputs, "resolution")?, input(inputs, "aspect_ratio")?))
+            } else {
+                None
+            },
         })
     }
 
@@ -464,16 +491,8 @@ pub mod conformance {
         model: &PixArtTransformer,
         inputs: &HashMap<String, Tensor>,
     ) -> Result<Tensor> {
-        let x = input(inputs, "hidden_states")?;
-        let t = input(inputs, "timestep")?;
-        let y = input(inputs, "encoder_hidden_states")?;
-        let mask = input(inputs, "encoder_attention_mask")?;
-        let res_ar = if model.config.use_additional_conditions {
-            Some((input(inputs, "resolution")?, input(inputs, "aspect_ratio")?))
-        } else {
-            None
-        };
-        model.forward(x, t, y, Some(mask), res_ar)
+        let b = base_inputs(model, inputs)?;
+        model.forward(b.x, b.t, b.y, Some(b.mask), b.res_ar)
     }
 
     /// Loads the model from `model_dir` (f32, CPU), reads `inputs`, writes `sample` to `out`.

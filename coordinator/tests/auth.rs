@@ -5,10 +5,13 @@
 //! Every refusal is checked twice: the status code, and that nothing changed
 //! in Redis (no job written, no task enqueued, the job still QUEUED).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use common::violations;
 use futures::StreamExt;
 use pixfarm_coordinator::{Authenticator, FarmService, ServeOptions, serve_with_options};
 use pixfarm_core::auth::hash_token;
@@ -21,7 +24,6 @@ use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic_types::StatusExt;
 
 const A_SUBMIT: &str = "tok-a-submit-0123456789";
 const A_READ: &str = "tok-a-read-0123456789";
@@ -217,12 +219,6 @@ fn request(prefix: &str, n: usize) -> pb::SubmitJobRequest {
         }),
         items: (0..n).map(|i| item(&format!("prompt {i}"))).collect(),
     }
-}
-
-fn violations(s: &tonic::Status) -> Vec<String> {
-    s.get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
 }
 
 /// Calls every Farm RPC and returns each one's status code (OK or the error).

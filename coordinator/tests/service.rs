@@ -2,9 +2,12 @@
 //! a real `redis-server` (no workers: these check the API layer: codes, field
 //! violations, paging, idempotency, events, health and reflection).
 
+mod common;
+
 use std::time::Duration;
 
 use anyhow::Result;
+use common::violations;
 use futures::StreamExt;
 use pixfarm_coordinator::{FarmService, serve_with};
 use pixfarm_core::testing::RedisServer;
@@ -14,7 +17,6 @@ use pixfarm_proto::v1::farm_client::FarmClient;
 use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 struct Harness {
     redis: RedisServer,
@@ -93,12 +95,6 @@ fn request(items: Vec<pb::Item>) -> pb::SubmitJobRequest {
         job: Some(pb::JobSpec::default()),
         items,
     }
-}
-
-fn violations(s: &tonic::Status) -> Vec<String> {
-    s.get_details_bad_request()
-        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-        .unwrap_or_default()
 }
 
 #[tokio::test]

@@ -55,6 +55,14 @@ pub fn worker_bin() -> PathBuf {
 }
 
 /// `n` small items of `size`×`size` with fixed seeds.
+/// The fields named by a status's `google.rpc.BadRequest` detail, in order.
+pub fn violations(s: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    s.get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
 pub fn items(n: usize, size: u32) -> Vec<pb::Item> {
     (0..n)
         .map(|i| pb::Item {

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use image::RgbImage;
-use pixfarm_e2e::{Farm, FarmOptions};
+use pixfarm_e2e::{Farm, FarmOptions, violations};
 use pixfarm_proto::v1 as pb;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -285,11 +284,7 @@ async fn bad_control_input_is_refused_at_submit() -> Result<()> {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e:?}");
-        let fields: Vec<String> = e
-            .get_details_bad_request()
-            .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-            .unwrap_or_default();
-        assert_eq!(fields, [field], "{name}");
+        assert_eq!(violations(&e), [field], "{name}");
     }
 
     // Live workers, none with an adapter: a controlled job is refused, a plain one accepted.

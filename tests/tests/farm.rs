@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use futures::StreamExt;
-use pixfarm_e2e::{Farm, FarmOptions, items};
+use pixfarm_e2e::{Farm, FarmOptions, items, violations};
 use pixfarm_proto::v1 as pb;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -322,11 +321,7 @@ async fn bad_input_is_refused_with_the_field_or_line_named() -> Result<()> {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{name}");
-        let fields: Vec<String> = e
-            .get_details_bad_request()
-            .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
-            .unwrap_or_default();
-        assert_eq!(fields, [field], "{name}");
+        assert_eq!(violations(&e), [field], "{name}");
         assert!(e.message().contains(field), "{name}: {}", e.message());
     }
     // The 38th item of 40 is bad: its index is named, and the CLI maps it to its line.

@@ -158,29 +158,33 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The edge map for `--control-image`, made exactly as a worker makes it: fitted to the
-/// generation size, then the chosen detector.
+/// The edge map for `--control-image`, made by the worker's own code (fit to the generation size,
+/// then the chosen detector), so a local render is guided exactly as a farm render.
 fn edge_map(
     args: &GenerateArgs,
     pipeline: &Pipeline,
     path: &std::path::Path,
     device: &candle_core::Device,
 ) -> anyhow::Result<image::RgbImage> {
-    use pixfarm_core::ControlKind;
     let img = image::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    pixart::control::check_control_image_size(img.width(), img.height())
-        .with_context(|| path.display().to_string())?;
-    let (w, h) = pipeline.generation_size(args.size.0, args.size.1);
-    let fitted = pixart::control::resize_center_crop(&img, w, h);
-    Ok(match args.control_kind {
-        ControlKind::Edge => fitted,
-        ControlKind::Canny => pixart::control::canny(&fitted, args.canny_low, args.canny_high)?,
-        ControlKind::Hed => {
+    let hed = match args.control_kind {
+        pixfarm_core::ControlKind::Hed => {
             let weights = args
                 .hed_weights
                 .as_deref()
                 .context("--control-kind hed needs --hed-weights FILE")?;
-            pixart::control::Hed::load(weights, device)?.detect(&fitted)?
+            Some(pixart::control::Hed::load(weights, device)?)
         }
-    })
+        _ => None,
+    };
+    let job = pixfarm_worker::engine::EdgeJob {
+        image: img,
+        kind: args.control_kind,
+        low_threshold: Some(args.canny_low),
+        high_threshold: Some(args.canny_high),
+        width: args.size.0,
+        height: args.size.1,
+    };
+    pixfarm_worker::engine::edge_map(pipeline, hed.as_ref(), job)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.reason))
 }

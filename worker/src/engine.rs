@@ -246,7 +246,9 @@ impl Engine {
 /// Resizes and centre-crops a control image to the generation size (the aspect-ratio bin the
 /// pipeline renders at, like the reference demo), then runs the requested edge detector. A panic
 /// in a detector fails this image only.
-fn edge_map(
+///
+/// `pixfarm generate` calls it too, so a local render is guided exactly as a farm render.
+pub fn edge_map(
     pipeline: &Pipeline,
     hed: Option<&Hed>,
     j: EdgeJob,

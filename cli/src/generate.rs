@@ -74,7 +74,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let spec = wc.parse_device().map_err(|e| anyhow::anyhow!("{e}"))?;
     let device = spec
         .open()
-        .with_context(|| format!("cannot open device {}", spec.describe()))?;
+        .map_err(|e| anyhow::anyhow!("cannot open device {}: {e}", spec.describe()))?;
     let dtype = wc
         .parse_dtype()
         .map_err(|e| anyhow::anyhow!("{e}"))?

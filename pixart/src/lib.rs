@@ -43,6 +43,7 @@ pub mod attention;
 pub mod config;
 pub mod control;
 pub mod controlnet;
+pub mod cuda;
 pub mod embeddings;
 pub mod error;
 pub mod image_ops;

@@ -162,7 +162,9 @@ pub const MAX_SIDE: u32 = 4096;
 /// Most LCM steps accepted (the PixArt-LCM model card recommends 4; 1–8 are meaningful).
 pub const MAX_STEPS: usize = 8;
 
-/// Parses `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
+/// Parses `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature) and opens the device. A CUDA
+/// device is checked at once (driver present, compute capability the kernels were built for), so a
+/// worker on the wrong machine fails at start-up with the cause, not at its first batch.
 pub fn device_from_str(s: &str) -> Result<Device> {
     let bad = |m: String| Error::InvalidInput {
         field: "device",
@@ -170,11 +172,9 @@ pub fn device_from_str(s: &str) -> Result<Device> {
     };
     match s.trim() {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| bad(format!("cuda:0 is not available: {e}"))),
+        "cuda" => crate::cuda::open(0),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => {
-                Device::new_cuda(n).map_err(|e| bad(format!("cuda:{n} is not available: {e}")))
-            }
+            Some(Ok(n)) => crate::cuda::open(n),
             _ => Err(bad(format!(
                 "expected `cpu`, `cuda` or `cuda:N`, got `{other}`"
             ))),

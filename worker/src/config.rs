@@ -338,11 +338,13 @@ pub enum DeviceSpec {
 }
 
 impl DeviceSpec {
-    pub fn open(self) -> candle_core::Result<candle_core::Device> {
+    /// Opens the device; CUDA through `pixart::cuda::open`, which refuses a binary built without
+    /// CUDA, a missing driver and a GPU the kernels were not built for, each with its fix.
+    pub fn open(self) -> Result<candle_core::Device, String> {
         match self {
             DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
-            DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n),
-            DeviceSpec::Metal(n) => candle_core::Device::new_metal(n),
+            DeviceSpec::Cuda(n) => pixart::cuda::open(n).map_err(|e| e.to_string()),
+            DeviceSpec::Metal(n) => candle_core::Device::new_metal(n).map_err(|e| e.to_string()),
         }
     }
 

@@ -10,8 +10,10 @@
 //! cargo run --release -p pixart --example conformance -- t5 --text-encoder DIR --inputs IN --out OUT
 //! ```
 //!
-//! Everything runs in f32 on the CPU. On bad input the program exits non-zero with one line naming the
-//! missing or mis-shaped tensor.
+//! Everything runs in f32 on the CPU unless `--device cuda[:N]` (a `--features cuda` build) and
+//! `--dtype bf16|f16` say otherwise: the GPU check (`bench/gpu/run.sh`) runs the committed golden cases
+//! through the CUDA kernels this way. Outputs are always written as f32. On bad input the program exits
+//! non-zero with one line naming the missing or mis-shaped tensor.
 //!
 //! Ownership while two helpers edit this file: `transformer` mode (and the shared helpers) belong to
 //! model-transformer; `lcm`, `vae-decode`, `vae-encode` and `t5` belong to model-pipeline.
@@ -27,8 +29,20 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(about = "Run one PixArt component on safetensors inputs and write its outputs")]
 struct Cli {
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a `--features cuda` build).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    /// Model dtype: `f32`, or `bf16`/`f16` on a GPU (the VAE always runs in f32).
+    #[arg(long, global = true, default_value = "f32")]
+    dtype: String,
     #[command(subcommand)]
     mode: Mode,
+}
+
+/// Where and in what precision the mode runs.
+struct Place {
+    device: Device,
+    dtype: DType,
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,13 +112,13 @@ struct T5Args {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.mode {
-        Mode::Transformer(a) => run_transformer(&a),
-        Mode::Lcm(a) => run_lcm(&a),
-        Mode::VaeDecode(a) => run_vae_decode(&a),
-        Mode::VaeEncode(a) => run_vae_encode(&a),
-        Mode::T5(a) => run_t5(&a),
-    };
+    let result = place(&cli).and_then(|at| match &cli.mode {
+        Mode::Transformer(a) => run_transformer(a, &at),
+        Mode::Lcm(a) => run_lcm(a, &at),
+        Mode::VaeDecode(a) => run_vae_decode(a, &at),
+        Mode::VaeEncode(a) => run_vae_encode(a, &at),
+        Mode::T5(a) => run_t5(a, &at),
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -119,9 +133,21 @@ fn main() -> ExitCode {
 // Shared helpers (model-transformer)
 // ---------------------------------------------------------------------------------------------------------
 
-/// Reads every tensor of a safetensors file onto the CPU.
-fn load_inputs(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+fn place(cli: &Cli) -> Result<Place> {
+    let device = pixart::pipeline::device_from_str(&cli.device).context("--device")?;
+    let dtype = pixart::pipeline::dtype_from_str(&cli.dtype).context("--dtype")?;
+    if device.is_cpu() && dtype != DType::F32 {
+        bail!(
+            "--dtype {} needs a GPU (--device cuda); the CPU runs f32",
+            cli.dtype
+        );
+    }
+    Ok(Place { device, dtype })
+}
+
+/// Reads every tensor of a safetensors file onto the device (as stored: f32 or i64).
+fn load_inputs(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device)
         .with_context(|| format!("reading inputs {}", path.display()))
 }
 
@@ -159,25 +185,42 @@ fn mask_as_f32(mask: &Tensor) -> Result<Tensor> {
 // transformer (model-transformer)
 // ---------------------------------------------------------------------------------------------------------
 
-fn run_transformer(a: &TransformerArgs) -> Result<()> {
-    match &a.controlnet {
-        // `controlnet_cond` and the optional `conditioning_scale` join the inputs.
-        Some(adapter) => {
-            pixart::controlnet::conformance::run_files(&a.model, adapter, &a.inputs, &a.out)?
+fn run_transformer(a: &TransformerArgs, at: &Place) -> Result<()> {
+    if at.device.is_cpu() {
+        // The library calls the golden tests run, byte for byte.
+        match &a.controlnet {
+            // `controlnet_cond` and the optional `conditioning_scale` join the inputs.
+            Some(adapter) => {
+                pixart::controlnet::conformance::run_files(&a.model, adapter, &a.inputs, &a.out)?
+            }
+            None => pixart::transformer::conformance::run_files(&a.model, &a.inputs, &a.out)?,
         }
-        None => pixart::transformer::conformance::run_files(&a.model, &a.inputs, &a.out)?,
+        return Ok(());
     }
-    Ok(())
+    let model = pixart::transformer::PixArtTransformer::load(&a.model, at.dtype, &at.device)?;
+    let inputs = load_inputs(&a.inputs, &at.device)?;
+    let sample = match &a.controlnet {
+        Some(dir) => {
+            let adapter = pixart::controlnet::ControlNetAdapter::load(
+                dir,
+                &model.config,
+                at.dtype,
+                &at.device,
+            )?;
+            pixart::controlnet::conformance::forward_named(&model, &adapter, &inputs)?
+        }
+        None => pixart::transformer::conformance::forward_named(&model, &inputs)?,
+    };
+    save_outputs(HashMap::from([("sample".to_string(), sample)]), &a.out)
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // lcm (model-pipeline)
 // ---------------------------------------------------------------------------------------------------------
 
-fn run_lcm(a: &LcmArgs) -> Result<()> {
+fn run_lcm(a: &LcmArgs, at: &Place) -> Result<()> {
     use pixart::pipeline::{TimestepSpacing, conformance};
-    let transformer =
-        pixart::transformer::PixArtTransformer::load(&a.model, DType::F32, &Device::Cpu)?;
+    let transformer = pixart::transformer::PixArtTransformer::load(&a.model, at.dtype, &at.device)?;
     let adapter = a
         .controlnet
         .as_ref()
@@ -185,13 +228,13 @@ fn run_lcm(a: &LcmArgs) -> Result<()> {
             pixart::controlnet::ControlNetAdapter::load(
                 dir,
                 &transformer.config,
-                DType::F32,
-                &Device::Cpu,
+                at.dtype,
+                &at.device,
             )
         })
         .transpose()?;
     let scheduler = pixart::scheduler::LcmSchedulerConfig::from_path(&a.scheduler)?;
-    let inputs = load_inputs(&a.inputs)?;
+    let inputs = load_inputs(&a.inputs, &at.device)?;
     let out = conformance::lcm_controlled(
         &transformer,
         adapter.as_ref(),
@@ -206,9 +249,10 @@ fn run_lcm(a: &LcmArgs) -> Result<()> {
 // vae-decode (model-pipeline)
 // ---------------------------------------------------------------------------------------------------------
 
-fn run_vae_decode(a: &VaeArgs) -> Result<()> {
-    let vae = pixart::vae::Vae::load(&a.vae, &Device::Cpu)?;
-    let out = pixart::pipeline::conformance::vae_decode(&vae, &load_inputs(&a.inputs)?)?;
+fn run_vae_decode(a: &VaeArgs, at: &Place) -> Result<()> {
+    let vae = pixart::vae::Vae::load(&a.vae, &at.device)?;
+    let out =
+        pixart::pipeline::conformance::vae_decode(&vae, &load_inputs(&a.inputs, &at.device)?)?;
     save_outputs(out, &a.out)
 }
 
@@ -216,9 +260,10 @@ fn run_vae_decode(a: &VaeArgs) -> Result<()> {
 // vae-encode (model-pipeline)
 // ---------------------------------------------------------------------------------------------------------
 
-fn run_vae_encode(a: &VaeArgs) -> Result<()> {
-    let vae = pixart::vae::Vae::load(&a.vae, &Device::Cpu)?;
-    let out = pixart::pipeline::conformance::vae_encode(&vae, &load_inputs(&a.inputs)?)?;
+fn run_vae_encode(a: &VaeArgs, at: &Place) -> Result<()> {
+    let vae = pixart::vae::Vae::load(&a.vae, &at.device)?;
+    let out =
+        pixart::pipeline::conformance::vae_encode(&vae, &load_inputs(&a.inputs, &at.device)?)?;
     save_outputs(out, &a.out)
 }
 
@@ -226,9 +271,10 @@ fn run_vae_encode(a: &VaeArgs) -> Result<()> {
 // t5 (model-pipeline)
 // ---------------------------------------------------------------------------------------------------------
 
-fn run_t5(a: &T5Args) -> Result<()> {
+fn run_t5(a: &T5Args, at: &Place) -> Result<()> {
     let mut encoder =
-        pixart::text_encoder::TextEncoder::load(&a.text_encoder, DType::F32, &Device::Cpu)?;
-    let out = pixart::pipeline::conformance::t5(&mut encoder, &load_inputs(&a.inputs)?)?;
+        pixart::text_encoder::TextEncoder::load(&a.text_encoder, at.dtype, &at.device)?;
+    let out =
+        pixart::pipeline::conformance::t5(&mut encoder, &load_inputs(&a.inputs, &at.device)?)?;
     save_outputs(out, &a.out)
 }

@@ -661,9 +661,16 @@ async fn a_10000_image_job_page_loads_fast() -> Result<()> {
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         assert_eq!(r.status, 200, "{path}");
         if path == format!("/jobs/{id}") {
-            assert!(r.body.contains("10000/10000 done"), "{}", &r.body[..500.min(r.body.len())]);
+            assert!(
+                r.body.contains("10000/10000 done"),
+                "{}",
+                &r.body[..500.min(r.body.len())]
+            );
             assert_eq!(r.body.matches("<figure").count(), 48, "one grid page only");
-            eprintln!("job page of 10,000 images: {ms:.1} ms, {} KiB", r.body.len() / 1024);
+            eprintln!(
+                "job page of 10,000 images: {ms:.1} ms, {} KiB",
+                r.body.len() / 1024
+            );
         } else {
             eprintln!("{path}: {ms:.1} ms, {} KiB", r.body.len() / 1024);
         }

@@ -216,7 +216,10 @@ fn serve_s3s_fs(
         .map_err(|e| io::Error::other(format!("s3s-fs on {}: {e:?}", root.display())))?;
     let service = {
         let mut b = s3s::service::S3ServiceBuilder::new(fs);
-        b.set_auth(s3s::auth::SimpleAuth::from_single(access_key.to_owned(), secret_key.to_owned()));
+        b.set_auth(s3s::auth::SimpleAuth::from_single(
+            access_key.to_owned(),
+            secret_key.to_owned(),
+        ));
         b.build()
     };
     listener.set_nonblocking(true)?;

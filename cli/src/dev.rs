@@ -45,6 +45,12 @@ pub struct DevArgs {
     /// Coordinator address (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: std::net::SocketAddr,
+    /// Web gallery address (port 0: any free port); its URL is printed.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub web_addr: std::net::SocketAddr,
+    /// Do not serve the web gallery.
+    #[arg(long)]
+    pub no_web: bool,
     /// `cpu`, `cuda`, `cuda:N` or `metal`.
     #[arg(long, env = "PIXFARM_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -162,11 +168,28 @@ async fn run_farm(
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let coordinator = tokio::spawn(pixfarm_coordinator::serve(
+    let web = if args.no_web {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(args.web_addr)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.web_addr))?,
+        )
+    };
+    let web_url = match &web {
+        Some(l) => Some(format!("http://{}/", l.local_addr()?)),
+        None => None,
+    };
+    let coordinator = tokio::spawn(pixfarm_coordinator::serve_all(
         cconf,
         listener,
+        web,
         stopped(stop_rx.clone()),
     ));
+    if let Some(url) = &web_url {
+        println!("web gallery: {url}");
+    }
 
     let wconf = WorkerConfig {
         redis_url: redis_url.to_string(),

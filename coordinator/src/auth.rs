@@ -258,7 +258,7 @@ impl Authenticator {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<AuthContext, Status> {
-        let Inner::Tokens { set, .. } = &*self.inner else {
+        let Inner::Tokens { .. } = &*self.inner else {
             return Ok(AuthContext::anonymous());
         };
         let Some(value) = metadata.get("authorization") else {
@@ -278,11 +278,18 @@ impl Authenticator {
             .ok_or_else(|| {
                 Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
             })?;
+        self.authenticate_token(token)
+            .ok_or_else(|| Status::unauthenticated("invalid or revoked token"))
+    }
+
+    /// Who holds the bearer `token` (the web gallery's cookie or header), `None` if it is
+    /// unknown. Without authentication every caller is [`AuthContext::anonymous`].
+    pub fn authenticate_token(&self, token: &str) -> Option<AuthContext> {
+        let Inner::Tokens { set, .. } = &*self.inner else {
+            return Some(AuthContext::anonymous());
+        };
         let set = set.read().unwrap_or_else(|p| p.into_inner()).clone();
-        match set.authenticate(token) {
-            Some(p) => Ok(AuthContext::from(p)),
-            None => Err(Status::unauthenticated("invalid or revoked token")),
-        }
+        set.authenticate(token).map(AuthContext::from)
     }
 }
 

@@ -75,6 +75,11 @@ pub struct CoordinatorConfig {
     /// Off when unset; kept off the gRPC port so scrapes never queue behind clients.
     #[arg(long, env = "PIXFARM_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// Serve the web gallery (jobs, results, workers) on `http://ADDR/`, behind the same tokens
+    /// and roles as gRPC. Off when unset.
+    #[arg(long, env = "PIXFARM_WEB_ADDR")]
+    pub web_addr: Option<SocketAddr>,
 }
 
 impl CoordinatorConfig {
@@ -94,6 +99,7 @@ impl CoordinatorConfig {
             fair: FairArgs::default(),
             presign_expiry_secs: 3600,
             metrics_addr: None,
+            web_addr: None,
         }
     }
 

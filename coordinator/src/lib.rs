@@ -32,6 +32,7 @@ pub mod error;
 pub mod metrics;
 pub mod service;
 pub mod tls;
+pub mod web;
 
 use std::future::Future;
 
@@ -101,10 +102,25 @@ impl ServeOptions {
 }
 
 /// Connects to Redis and the store named in `config`, then serves until
-/// `shutdown` completes.
+/// `shutdown` completes (with the web gallery on `config.web_addr` when set).
 pub async fn serve(
     config: CoordinatorConfig,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), CoordinatorError> {
+    let web = match config.web_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    serve_all(config, listener, web, shutdown).await
+}
+
+/// [`serve`] with the web gallery's listener already bound (`pixfarm dev` binds port 0 and
+/// prints the URL); `None`: no gallery.
+pub async fn serve_all(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    web_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CoordinatorError> {
     // Credentials and certificates first: a typo there should not wait for Redis.
@@ -117,7 +133,34 @@ pub async fn serve(
         Some(addr) => Some(metrics::start(addr, queue.clone()).await?),
         None => None,
     };
+    // The gallery stops with the gRPC server.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let _web = match web_listener {
+        Some(l) => {
+            let addr = l.local_addr()?;
+            if !options.auth.is_enabled()
+                && !addr.ip().is_loopback()
+                && !config.auth.insecure_no_auth
+            {
+                return Err(CoordinatorError::Auth(format!(
+                    "refusing to serve the web gallery on {addr} without authentication: pass \
+                     --tokens-file, or --insecure-no-auth"
+                )));
+            }
+            let state =
+                web::WebState::new(queue.clone(), storage.clone(), options.auth.clone()).await;
+            let mut rx = stop_rx.clone();
+            Some(web::start(l, state, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })?)
+        }
+        None => None,
+    };
     let service = FarmService::new(queue, storage, config.default_size);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     serve_with_options(service, options, listener, shutdown).await
 }
 

@@ -1,6 +1,6 @@
 //! Authentication, roles, tenant isolation, limits and TLS of the coordinator,
 //! over real gRPC against a real `redis-server` and a real S3 server
-//! (`s3s-fs`), with certificates made at test time by `tests/certs/gen.sh`.
+//! (`s3s-fs`, served in the test process or named by `.ci/run`), with certificates made at test time by `tests/certs/gen.sh`.
 //!
 //! Every refusal is checked twice: the status code, and that nothing changed
 //! in Redis (no job written, no task enqueued, the job still QUEUED).

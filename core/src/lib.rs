@@ -24,7 +24,8 @@
 //!   `get`, `presign_get`, `get_uri` (control images).
 //! - [`CoreError`]: the one error enum (`NotFound`, `Invalid`, `Conflict`, `Redis`, `Storage`,
 //!   …) the coordinator maps to gRPC codes.
-//! - `testing` (cargo feature `testing`): real `redis-server` / `s3s-fs` children for tests.
+//! - `testing` (cargo feature `testing`): a real `redis-server` child and the `s3s-fs` S3 server
+//!   served in the test process, for tests.
 //!
 //! ## Example
 //! ```no_run

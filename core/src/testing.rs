@@ -1,12 +1,14 @@
-//! Test harness: real `redis-server` and `s3s-fs` child processes on free ports, each with its own
-//! temporary directory, killed by PID on drop. Enabled by the `testing` feature so the e2e suite
-//! reuses it. No fakes: these are the real servers the farm runs against.
+//! Test harness: a real `redis-server` child process and a real S3 server (the `s3s-fs` library,
+//! served on a TCP port inside the test process, SigV4 checked) on free ports, each with its own
+//! temporary directory, stopped on drop. Enabled by the `testing` feature so the e2e suite reuses
+//! it. No fakes: these are the real servers the farm runs against, and nothing to install but
+//! `redis-server`.
 //!
 //! ```no_run
 //! # async fn t() -> std::io::Result<()> {
 //! use pixfarm_core::testing::{RedisServer, S3Server};
 //! let redis = RedisServer::start().await?;          // redis://127.0.0.1:<port>/
-//! let s3 = S3Server::from_env_or_start().await?;    // PIXFARM_TEST_S3_ENDPOINT or a child s3s-fs
+//! let s3 = S3Server::from_env_or_start().await?;    // PIXFARM_TEST_S3_ENDPOINT or in-process s3s-fs
 //! let storage_url = s3.storage_url("results");      // s3://results
 //! let options = s3.storage_options();               // endpoint, credentials, create_bucket
 //! # Ok(()) }
@@ -169,25 +171,115 @@ impl Drop for RedisServer {
     }
 }
 
-/// Access key of child s3s-fs servers.
+/// Access key of the in-process S3 servers.
 pub const TEST_ACCESS_KEY: &str = "pixfarm-test";
-/// Secret key of child s3s-fs servers.
+/// Secret key of the in-process S3 servers.
 pub const TEST_SECRET_KEY: &str = "pixfarm-test-secret";
 
-/// An S3-compatible server: an `s3s-fs` child (which verifies SigV4 signatures) or the external one
-/// named by `PIXFARM_TEST_S3_ENDPOINT` (with `PIXFARM_TEST_S3_ACCESS_KEY`/`_SECRET_KEY`, defaulting
-/// to the test keys).
+/// A running in-process `s3s-fs`: its own thread and tokio runtime (so a test that blocks its own
+/// runtime, or a worker child process, still reaches it), stopped by a shutdown signal.
+struct Served {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Served {
+    fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            // The runtime is dropped on that thread: every open connection is closed, like a crash.
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Serves the `s3s-fs` library (a real S3 implementation over a directory, SigV4 signatures
+/// checked against one access/secret key pair) on `listener` until the returned handle is stopped.
+fn serve_s3s_fs(
+    listener: TcpListener,
+    root: &Path,
+    access_key: &str,
+    secret_key: &str,
+) -> io::Result<Served> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder as ConnBuilder;
+
+    let fs = s3s_fs::FileSystem::new(root)
+        .map_err(|e| io::Error::other(format!("s3s-fs on {}: {e:?}", root.display())))?;
+    let service = {
+        let mut b = s3s::service::S3ServiceBuilder::new(fs);
+        b.set_auth(s3s::auth::SimpleAuth::from_single(
+            access_key.to_owned(),
+            secret_key.to_owned(),
+        ));
+        b.build()
+    };
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("test-s3")
+        .enable_all()
+        .build()?;
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("test-s3".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("test S3 server: {e}");
+                        return;
+                    }
+                };
+                let http = ConnBuilder::new(TokioExecutor::new());
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => break,
+                        accepted = listener.accept() => {
+                            let Ok((socket, _)) = accepted else { continue };
+                            let conn = http
+                                .serve_connection(TokioIo::new(socket), service.clone())
+                                .into_owned();
+                            tokio::spawn(async move {
+                                let _ = conn.await;
+                            });
+                        }
+                    }
+                }
+            });
+            // Dropping the runtime here cancels the connection tasks and closes their sockets.
+            drop(runtime);
+        })?;
+    Ok(Served {
+        shutdown: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+/// An S3-compatible server: the `s3s-fs` library served on a real TCP port inside the test
+/// process (it verifies SigV4 signatures; nothing to install), or the external one named by
+/// `PIXFARM_TEST_S3_ENDPOINT` (with `PIXFARM_TEST_S3_ACCESS_KEY`/`_SECRET_KEY`, defaulting to the
+/// test keys), which `.ci/run` starts once for the whole run.
 pub struct S3Server {
     endpoint: String,
     port: u16,
     access_key: String,
     secret_key: String,
     dir: Option<tempfile::TempDir>,
-    child: Option<Child>,
+    served: Option<Served>,
 }
 
 impl S3Server {
-    /// Uses `PIXFARM_TEST_S3_ENDPOINT` when set, else starts a child `s3s-fs`.
+    /// Uses `PIXFARM_TEST_S3_ENDPOINT` when set, else serves one in this process.
     pub async fn from_env_or_start() -> io::Result<Self> {
         match std::env::var("PIXFARM_TEST_S3_ENDPOINT") {
             Ok(ep) if !ep.is_empty() => {
@@ -204,78 +296,42 @@ impl S3Server {
                     secret_key: std::env::var("PIXFARM_TEST_S3_SECRET_KEY")
                         .unwrap_or_else(|_| TEST_SECRET_KEY.to_string()),
                     dir: None,
-                    child: None,
+                    served: None,
                 })
             }
             _ => Self::start().await,
         }
     }
 
-    /// Starts a child `s3s-fs` on a free port with a fresh temporary root.
+    /// Serves a private `s3s-fs` on a free port of 127.0.0.1 with a fresh temporary root.
     pub async fn start() -> io::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let mut s = Self {
+        Self::start_at(tempfile::tempdir()?, 0, TEST_ACCESS_KEY, TEST_SECRET_KEY)
+    }
+
+    /// Serves `root` on `127.0.0.1:port` (0: a free one) with the given keys, keeping `root`.
+    pub fn serve_dir(
+        root: &Path,
+        port: u16,
+        access_key: &str,
+        secret_key: &str,
+    ) -> io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        let port = listener.local_addr()?.port();
+        let served = serve_s3s_fs(listener, root, access_key, secret_key)?;
+        Ok(Self {
             endpoint: format!("http://127.0.0.1:{port}"),
             port,
-            access_key: TEST_ACCESS_KEY.to_string(),
-            secret_key: TEST_SECRET_KEY.to_string(),
-            dir: Some(dir),
-            child: None,
-        };
-        s.spawn().await?;
+            access_key: access_key.to_string(),
+            secret_key: secret_key.to_string(),
+            dir: None,
+            served: Some(served),
+        })
+    }
+
+    fn start_at(dir: tempfile::TempDir, port: u16, ak: &str, sk: &str) -> io::Result<Self> {
+        let mut s = Self::serve_dir(dir.path(), port, ak, sk)?;
+        s.dir = Some(dir);
         Ok(s)
-    }
-
-    /// `s3s-fs` from `PIXFARM_S3S_FS`, `PATH` or `~/.cargo/bin`.
-    fn binary() -> PathBuf {
-        if let Some(p) = std::env::var_os("PIXFARM_S3S_FS") {
-            return PathBuf::from(p);
-        }
-        if let Some(path) = std::env::var_os("PATH") {
-            for d in std::env::split_paths(&path) {
-                let c = d.join("s3s-fs");
-                if c.is_file() {
-                    return c;
-                }
-            }
-        }
-        if let Some(home) = std::env::var_os("HOME") {
-            let c = Path::new(&home).join(".cargo/bin/s3s-fs");
-            if c.is_file() {
-                return c;
-            }
-        }
-        PathBuf::from("s3s-fs")
-    }
-
-    async fn spawn(&mut self) -> io::Result<()> {
-        let root = self
-            .dir
-            .as_ref()
-            .ok_or_else(|| io::Error::other("external S3 server cannot be (re)started"))?;
-        let mut child = Command::new(Self::binary())
-            .arg("--host")
-            .arg("127.0.0.1")
-            .arg("--port")
-            .arg(self.port.to_string())
-            .arg("--access-key")
-            .arg(&self.access_key)
-            .arg("--secret-key")
-            .arg(&self.secret_key)
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot start s3s-fs (cargo install s3s-fs@0.14.1 --features binary --locked): {e}"),
-                )
-            })?;
-        wait_for_port(self.port, &mut child, "s3s-fs").await?;
-        self.child = Some(child);
-        Ok(())
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -287,11 +343,7 @@ impl S3Server {
         self.port
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// The data directory of a child server (buckets are folders in it).
+    /// The data directory of a private server (buckets are folders in it).
     pub fn root(&self) -> Option<&Path> {
         self.dir.as_ref().map(|d| d.path())
     }
@@ -331,23 +383,30 @@ impl S3Server {
         ]
     }
 
-    /// Kills a child server (an outage).
+    /// Stops a private server (an outage): the port closes and open connections are dropped.
     pub fn stop(&mut self) {
-        kill(&mut self.child);
-    }
-
-    /// Starts a stopped child server again, same port and data.
-    pub async fn start_again(&mut self) -> io::Result<()> {
-        if self.child.is_none() {
-            self.spawn().await?;
+        if let Some(mut s) = self.served.take() {
+            s.stop();
         }
-        Ok(())
     }
-}
 
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        kill(&mut self.child);
+    /// Serves a stopped private server again, same port and data.
+    pub async fn start_again(&mut self) -> io::Result<()> {
+        if self.served.is_some() {
+            return Ok(());
+        }
+        let root = self
+            .dir
+            .as_ref()
+            .ok_or_else(|| io::Error::other("external S3 server cannot be (re)started"))?;
+        let listener = TcpListener::bind(("127.0.0.1", self.port))?;
+        self.served = Some(serve_s3s_fs(
+            listener,
+            root.path(),
+            &self.access_key,
+            &self.secret_key,
+        )?);
+        Ok(())
     }
 }
 

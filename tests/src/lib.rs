@@ -2,8 +2,8 @@
 //!
 //! [`Farm::start`] brings up a `redis-server` child (own port, optional AOF),
 //! an S3 server (`s3s-fs`: the one `.ci/run` started, named by
-//! `PIXFARM_TEST_S3_ENDPOINT`, or a child of this test when the test must stop
-//! it), the coordinator in-process on `127.0.0.1:0`, and workers as separate
+//! `PIXFARM_TEST_S3_ENDPOINT`, else served inside this test process, always
+//! so when the test must stop it), the coordinator in-process on `127.0.0.1:0`, and workers as separate
 //! processes (so they can be `kill -9`ed) running the tiny checkpoint.
 //!
 //! ```no_run

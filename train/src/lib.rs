@@ -17,6 +17,7 @@
 //! | [`dataset`] | seeded samples, the held-out (colour, shape) combinations, export to PNG + JSONL, the checking reader |
 //! | [`analyse`] | the rule-based image analyser (no learned weights) and the perturbations it is tested under |
 //! | [`metrics`] | prompt accuracy and edge F1 with a pixel tolerance |
+//! | [`lcd`] | Latent Consistency Distillation numerics: noise schedule, DDIM solver, boundary scalings, guidance, Huber loss, EMA |
 //! | [`varmap`] | checkpoints as `VarMap`s for the transformer's training mode, and frozen snapshots |
 //! | [`error`] | [`Error`]: every variant names the file (and line) or field at fault |
 //!
@@ -51,6 +52,7 @@ pub mod caption;
 pub mod dataset;
 pub mod edges;
 pub mod error;
+pub mod lcd;
 pub mod metrics;
 pub mod scene;
 pub mod varmap;

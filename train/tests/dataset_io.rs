@@ -19,8 +19,7 @@ fn exported(dir: &Path, split: Split, count: u64) -> DatasetConfig {
 
 fn open_err(dir: &Path) -> String {
     Dataset::open(dir)
-        .err()
-        .expect("the dataset should be rejected")
+        .expect_err("the dataset should be rejected")
         .to_string()
 }
 
@@ -119,13 +118,13 @@ fn corrupt_manifest_and_jsonl_name_file_and_line() {
     // A corrupt PNG is reported by load, naming the file.
     fs::write(tmp.path().join("edges/000003.png"), b"not a png").unwrap();
     let ds = Dataset::open(tmp.path()).unwrap();
-    let e = ds.load(3).err().unwrap().to_string();
+    let e = ds.load(3).unwrap_err().to_string();
     assert!(e.contains("edges/000003.png") && e.contains("PNG"), "{e}");
     // A PNG of the wrong size.
     image::RgbImage::new(32, 32)
         .save(tmp.path().join("images/000001.png"))
         .unwrap();
-    let e = ds.load(1).err().unwrap().to_string();
+    let e = ds.load(1).unwrap_err().to_string();
     assert!(
         e.contains("images/000001.png") && e.contains("32×32"),
         "{e}"

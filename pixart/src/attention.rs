@@ -12,7 +12,7 @@
 use candle_core::{D, DType, Module, Tensor};
 
 use crate::embeddings::{Dense, linear};
-use crate::weights::WeightPath;
+use crate::weights::{Mode, WeightPath};
 use crate::{Error, Result};
 
 /// The projected text tokens as every cross-attention of one forward sees them. Built once per forward.
@@ -158,11 +158,15 @@ enum Projections {
 
 /// Multi-head attention with diffusers' `to_q`, `to_k`, `to_v`, `to_out.0` weights; `heads × head_dim` is the
 /// query width. The softmax scale `1/√head_dim` is folded into the query projection at load time.
+///
+/// In [`Mode::Train`] nothing is fused or prescaled (the projections read the live variables) and the softmax
+/// is candle's composed, differentiable one ([`attend_differentiable`]).
 pub struct Attention {
     projections: Projections,
     pub to_out: Dense,
     pub heads: usize,
     pub head_dim: usize,
+    mode: Mode,
 }
 
 /// Which attention a block position holds (decides how projections are fused).
@@ -189,7 +193,9 @@ impl Attention {
         // diffusers' `out_bias` defaults to True regardless of `attention_bias`.
         let to_out = linear(p, "to_out.0", inner, query_dim, true)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
+        let mode = p.mode();
         let projections = match kind {
+            _ if mode == Mode::Train => Projections::Separate { q, k, v },
             AttentionKind::SelfAttention => match Dense::concat(&[&q, &k, &v], scale)? {
                 Some(qkv) => Projections::Fused { qkv },
                 None => Projections::Separate { q, k, v },
@@ -206,7 +212,16 @@ impl Attention {
             to_out,
             heads,
             head_dim,
+            mode,
         })
+    }
+
+    /// `softmax(q·kᵀ + bias)·v` by the mode's path.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match self.mode {
+            Mode::Inference => attend(q, k, v, bias),
+            Mode::Train => attend_differentiable(q, k, v, bias),
+        }
     }
 
     fn scale(&self) -> f64 {
@@ -289,7 +304,7 @@ impl Attention {
                 )
             }
         };
-        let o = attend(&q, &k, &v, None)?;
+        let o = self.attend(&q, &k, &v, None)?;
         let o = o.transpose(1, 2)?.reshape((b, n, ()))?;
         Ok(self.to_out.forward(&o)?)
     }
@@ -312,7 +327,7 @@ impl Attention {
         };
         let q = self.split_heads(&self.queries(x)?)?;
         let (k, v) = self.keys_values(tokens)?;
-        let o = attend(&q, &self.split_heads(&k)?, &self.split_heads(&v)?, bias)?;
+        let o = self.attend(&q, &self.split_heads(&k)?, &self.split_heads(&v)?, bias)?;
         let o = o.transpose(1, 2)?.reshape((b, n, ()))?;
         Ok(self.to_out.forward(&o)?)
     }
@@ -365,7 +380,7 @@ impl Attention {
         for (r, &len) in lens.iter().enumerate() {
             let kr = self.split_heads(&k.narrow(0, start, len)?.unsqueeze(0)?)?;
             let vr = self.split_heads(&v.narrow(0, start, len)?.unsqueeze(0)?)?;
-            outs.push(attend(&q.narrow(0, r, 1)?, &kr, &vr, None)?);
+            outs.push(self.attend(&q.narrow(0, r, 1)?, &kr, &vr, None)?);
             start += len;
         }
         let o = Tensor::cat(&outs, 0)?
@@ -470,6 +485,27 @@ fn attention_chunk() -> usize {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1024)
     })
+}
+
+/// [`attend`] with only differentiable ops: candle's composed softmax (`candle_nn::ops::softmax`, which has a
+/// backward pass) instead of the fused `softmax_last_dim` (which has none), no query chunking; the softmax in
+/// f32 for half-precision models and in the model's dtype otherwise. For training.
+pub fn attend_differentiable(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scores = q.contiguous()?.matmul(&k.t()?)?;
+    let dtype = scores.dtype();
+    let work = crate::transformer::working_dtype(dtype);
+    let scores = scores.to_dtype(work)?;
+    let scores = match bias {
+        Some(bias) => scores.broadcast_add(&bias.to_dtype(work)?)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+    Ok(probs.matmul(v)?)
 }
 
 fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {

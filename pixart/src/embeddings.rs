@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::config::TransformerConfig;
-use crate::weights::WeightPath;
+use crate::weights::{Mode, WeightPath};
 use crate::{Error, Result};
 
 /// A linear layer `y = x·Wᵀ + b` that stores `Wᵀ` as a contiguous `(in, out)` matrix.
@@ -19,11 +19,17 @@ use crate::{Error, Result};
 /// Why not `candle_nn::Linear`: it multiplies by a transposed view of the `(out, in)` weight on every call;
 /// gemm runs measurably faster (~5–10 % here) on a row-major `(in, out)` right-hand side, and keeping our own
 /// type lets the attention fuse its q/k/v projections into one matmul ([`Dense::concat`]).
+///
+/// In [`Mode::Train`] ([`Dense::live`]) the layer keeps a transposed *view* of the source weight instead, so
+/// it reads the live variable (an optimiser step changes what it computes) and gradients reach the variable.
 #[derive(Debug, Clone)]
 pub struct Dense {
-    /// `(in, out)`; a transposed view instead when the source weight is not materialised (shape-only loads).
+    /// `(in, out)`; a transposed view instead when the source weight is not materialised (shape-only loads)
+    /// or the layer is live.
     weight_t: Tensor,
     bias: Option<Tensor>,
+    /// Holds views of the source tensors (training): never copied, concatenated or rescaled.
+    live: bool,
 }
 
 impl Dense {
@@ -34,12 +40,32 @@ impl Dense {
         } else {
             weight.t()?
         };
-        Ok(Self { weight_t, bias })
+        Ok(Self {
+            weight_t,
+            bias,
+            live: false,
+        })
     }
 
-    /// Whether the weight is held in memory (false for the broadcast zeros of a shape-only load).
+    /// A layer over the source tensors themselves (a transposed view of `weight`, `bias` as given): what
+    /// [`Mode::Train`] builds.
+    pub fn live(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?,
+            bias,
+            live: true,
+        })
+    }
+
+    /// Whether this layer reads its source tensors directly ([`Dense::live`]).
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    /// Whether the weight is held in memory as its own contiguous copy (false for the broadcast zeros of a
+    /// shape-only load and for live layers).
     pub fn is_materialised(&self) -> bool {
-        self.weight_t.is_contiguous()
+        !self.live && self.weight_t.is_contiguous()
     }
 
     pub fn in_dim(&self) -> usize {
@@ -70,7 +96,11 @@ impl Dense {
         } else {
             None
         };
-        Ok(Some(Dense { weight_t, bias }))
+        Ok(Some(Dense {
+            weight_t,
+            bias,
+            live: false,
+        }))
     }
 }
 
@@ -93,7 +123,8 @@ impl Module for Dense {
     }
 }
 
-/// Loads `name.weight` (out, in) and, when `bias`, `name.bias` (out) as a [`Dense`] layer.
+/// Loads `name.weight` (out, in) and, when `bias`, `name.bias` (out) as a [`Dense`] layer ([`Dense::live`]
+/// in [`Mode::Train`]).
 pub fn linear(
     p: &WeightPath<'_>,
     name: &str,
@@ -108,7 +139,10 @@ pub fn linear(
     } else {
         None
     };
-    Dense::new(w, b)
+    match p.mode() {
+        Mode::Inference => Dense::new(w, b),
+        Mode::Train => Dense::live(w, b),
+    }
 }
 
 /// The 2-D sin-cos positional table for a `grid_h × grid_w` token grid, row-major tokens, `embed_dim` wide.

@@ -4,6 +4,11 @@
 //! own blocks without re-implementing anything: [`PixArtTransformer::prepare`] (patch embedding, timestep and
 //! caption conditioning), the public [`PixArtTransformer::transformer_blocks`] (each a [`PixArtBlock`] taking
 //! the shared [`Conditioning`]) and [`FinalLayer::forward`] (modulation, projection, unpatchify).
+//!
+//! Training ([`Mode::Train`], from [`PixArtTransformer::trainable`]): the same modules, built over a
+//! `VarMap`'s live variables, with every fused kernel replaced by differentiable tensor ops
+//! ([`modulated_layer_norm_differentiable`], candle's tanh-GELU, the composed softmax). Both modes compute
+//! the same function up to f32 rounding; `pixart-train`'s tests check the gradients and the agreement.
 
 use std::path::Path;
 
@@ -12,12 +17,14 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use crate::attention::{Attention, AttentionKind, MaskPlan, TextKeys, flash_available};
 use crate::config::{FeedForwardActivation, TransformerConfig};
 use crate::embeddings::{AdaLayerNormSingle, CaptionProjection, Dense, PatchEmbed, linear};
+pub use crate::weights::Mode;
 use crate::weights::{WeightPath, Weights};
 use crate::{Error, Result};
 
 /// Checkpoint entries that diffusers ignores and so do we: the learned null caption some converters kept
-/// (spec §2.4) and the positional buffer (recomputed for every grid).
-const IGNORED_TENSORS: &[&str] = &["caption_projection.y_embedding", "pos_embed.pos_embed"];
+/// (spec §2.4) and the positional buffer (recomputed for every grid). Not parameters: a trainer leaves them
+/// out of its `VarMap`.
+pub const IGNORED_TENSORS: &[&str] = &["caption_projection.y_embedding", "pos_embed.pos_embed"];
 
 /// Everything the blocks need besides the image tokens, computed once per forward.
 pub struct Conditioning {
@@ -43,22 +50,36 @@ pub fn modulated_layer_norm(
     eps: f64,
 ) -> Result<Tensor> {
     let (b, _n, d) = x.dims3()?;
-    let scale = scale.reshape((b, d))?;
-    let shift = shift.reshape((b, d))?;
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         let x = x.contiguous()?;
-        let scale = scale.contiguous()?;
-        let shift = shift.contiguous()?;
+        let scale = scale.reshape((b, d))?.contiguous()?;
+        let shift = shift.reshape((b, d))?.contiguous()?;
         return Ok(x.apply_op3_no_bwd(&scale, &shift, &ModulatedLayerNorm { eps })?);
     }
+    modulated_layer_norm_differentiable(x, scale, shift, eps)
+}
+
+/// [`modulated_layer_norm`] with tensor ops only (two-pass statistics in f32, or f64 for an f64 model): has a
+/// backward pass, and is
+/// the path for devices and dtypes the fused kernel does not cover.
+pub fn modulated_layer_norm_differentiable(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (b, _n, d) = x.dims3()?;
+    let scale = scale.reshape((b, d))?;
+    let shift = shift.reshape((b, d))?;
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
+    let work = working_dtype(dtype);
+    let xf = x.to_dtype(work)?;
     let mean = xf.mean_keepdim(2)?;
     let xc = xf.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(2)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let scale = (scale.to_dtype(DType::F32)?.unsqueeze(1)? + 1.0)?;
-    let shift = shift.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let scale = (scale.to_dtype(work)?.unsqueeze(1)? + 1.0)?;
+    let shift = shift.to_dtype(work)?.unsqueeze(1)?;
     Ok(xn
         .broadcast_mul(&scale)?
         .broadcast_add(&shift)?
@@ -118,11 +139,36 @@ impl CustomOp3 for ModulatedLayerNorm {
     }
 }
 
+/// Statistics and softmax precision: f32 for the half types, the model's own dtype otherwise (so an f64 model
+/// stays f64 end to end, which finite-difference checks of the gradients rely on).
+pub(crate) fn working_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// `LN(x)·(1 + scale) + shift` by the mode's path.
+fn modulated_norm(
+    mode: Mode,
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    match mode {
+        Mode::Inference => modulated_layer_norm(x, scale, shift, eps),
+        Mode::Train => modulated_layer_norm_differentiable(x, scale, shift, eps),
+    }
+}
+
 /// `ff`: `net.2(gelu_tanh(net.0.proj(x)))`, hidden width 4·D.
 pub struct FeedForward {
     pub proj_in: Dense,
     pub proj_out: Dense,
     pub activation: FeedForwardActivation,
+    /// [`Mode::Train`]: candle's differentiable tanh-GELU instead of the fused kernel.
+    pub mode: Mode,
 }
 
 impl FeedForward {
@@ -132,15 +178,17 @@ impl FeedForward {
             proj_in: linear(&net.pp("0"), "proj", dim, 4 * dim, true)?,
             proj_out: linear(&net, "2", 4 * dim, dim, true)?,
             activation,
+            mode: p.mode(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("ff").entered();
         let h = self.proj_in.forward(x)?;
-        let h = match self.activation {
-            FeedForwardActivation::GeluTanh => crate::kernels::gelu_tanh(&h)?,
-            FeedForwardActivation::GeluErf => h.gelu_erf()?,
+        let h = match (self.activation, self.mode) {
+            (FeedForwardActivation::GeluTanh, Mode::Inference) => crate::kernels::gelu_tanh(&h)?,
+            (FeedForwardActivation::GeluTanh, Mode::Train) => h.gelu()?,
+            (FeedForwardActivation::GeluErf, _) => h.gelu_erf()?,
         };
         Ok(self.proj_out.forward(&h)?)
     }
@@ -154,6 +202,7 @@ pub struct PixArtBlock {
     pub attn2: Attention,
     pub ff: FeedForward,
     pub eps: f64,
+    pub mode: Mode,
 }
 
 impl PixArtBlock {
@@ -182,6 +231,7 @@ impl PixArtBlock {
             )?,
             ff: FeedForward::load(&p.pp("ff"), d, cfg.activation_fn)?,
             eps: cfg.norm_eps,
+            mode: p.mode(),
         })
     }
 
@@ -196,7 +246,7 @@ impl PixArtBlock {
 
         let h = {
             let _s = tracing::trace_span!("norm").entered();
-            modulated_layer_norm(x, &scale_msa, &shift_msa, self.eps)?
+            modulated_norm(self.mode, x, &scale_msa, &shift_msa, self.eps)?
         };
         let a = self.attn1.self_attention(&h)?;
         let x = (x + a.broadcast_mul(&gate_msa)?)?;
@@ -206,7 +256,7 @@ impl PixArtBlock {
 
         let h = {
             let _s = tracing::trace_span!("norm").entered();
-            modulated_layer_norm(&x, &scale_mlp, &shift_mlp, self.eps)?
+            modulated_norm(self.mode, &x, &scale_mlp, &shift_mlp, self.eps)?
         };
         let f = self.ff.forward(&h)?;
         Ok((x + f.broadcast_mul(&gate_mlp)?)?)
@@ -220,6 +270,7 @@ pub struct FinalLayer {
     pub proj_out: Dense,
     pub patch_size: usize,
     pub out_channels: usize,
+    pub mode: Mode,
 }
 
 impl FinalLayer {
@@ -235,7 +286,7 @@ impl FinalLayer {
             .broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
         let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
         // diffusers' norm_out has a hard-coded eps of 1e-6, independent of `norm_eps`.
-        let x = modulated_layer_norm(x, &scale, &shift, 1e-6)?;
+        let x = modulated_norm(self.mode, x, &scale, &shift, 1e-6)?;
         let x = self.proj_out.forward(&x)?;
         Ok(x.reshape((b, h, w, p, p, c))?
             .permute((0, 5, 1, 3, 2, 4))?
@@ -287,6 +338,7 @@ impl PixArtTransformer {
             proj_out: linear(&root, "proj_out", d, p * p * config.out_channels, true)?,
             patch_size: p,
             out_channels: config.out_channels,
+            mode: weights.mode(),
         };
         let unused: Vec<String> = weights
             .unused()
@@ -321,6 +373,29 @@ impl PixArtTransformer {
             device: weights.device().clone(),
             num_parameters: weights.used_parameter_count(),
         })
+    }
+
+    /// A [`Mode::Train`] model over the variables of `varmap`, which must hold exactly the model's
+    /// parameters with their diffusers names and shapes (errors name a missing, misshapen or unexpected
+    /// variable). The model reads the live variables: after an optimiser step its forward uses the new
+    /// values, and `loss.backward()` reaches every variable.
+    pub fn trainable(config: TransformerConfig, varmap: &candle_nn::VarMap) -> Result<Self> {
+        let weights = Weights::from_varmap(varmap)?;
+        if let Some(name) = IGNORED_TENSORS.iter().find(|n| weights.contains(n)) {
+            return Err(Error::Tensor {
+                name: name.to_string(),
+                message:
+                    "is not a parameter of the model (the forward never reads it): leave it out of \
+                          the VarMap"
+                        .into(),
+            });
+        }
+        Self::new(config, &weights)
+    }
+
+    /// Which path the forward takes.
+    pub fn mode(&self) -> Mode {
+        self.final_layer.mode
     }
 
     /// Parameters loaded from the checkpoint (611,349,152 for PixArt-XL-2-1024-MS).

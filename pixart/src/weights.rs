@@ -5,6 +5,9 @@
 //! [`Weights`] reads a safetensors header once and then each tensor on demand with a positioned read, converts
 //! it to the model dtype and device, and records which names were used so the loader can report leftovers.
 //! A shape-only source lets tests build the real 611 M-parameter model without allocating its weights.
+//!
+//! [`Mode`] travels with the weights: [`Weights::from_varmap`] builds a model for training, whose layers
+//! read the live variables (no cached transposed or fused copies) and use only ops with a backward pass.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -37,11 +40,27 @@ struct Entry {
     end: u64,
 }
 
+/// How a model built from [`Weights`] computes its forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The fast path: weights transposed and fused into cached copies at load time, fused CPU kernels
+    /// (tanh-GELU, modulated LayerNorm) and candle's fused softmax. These have no backward pass and the
+    /// copies do not follow later changes of the source tensors.
+    #[default]
+    Inference,
+    /// Differentiable and live: layers hold the source tensors themselves (views, never copies), so a
+    /// model built from a `VarMap`'s variables sees every optimiser step, and every op has a backward
+    /// pass (composed softmax, tensor-op LayerNorm, candle's tanh-GELU). Same arithmetic as inference up
+    /// to f32 rounding.
+    Train,
+}
+
 /// A set of named tensors to build a model from.
 pub struct Weights {
     source: Source,
     dtype: DType,
     device: Device,
+    mode: Mode,
     used: Mutex<BTreeMap<String, usize>>,
 }
 
@@ -102,6 +121,45 @@ impl Weights {
         Self::new(Source::Tensors(tensors), dtype, device)
     }
 
+    /// The variables of `varmap` for a [`Mode::Train`] model: `get` returns the variables themselves
+    /// (sharing their storage), so the model follows `Var::set` and optimiser steps, and gradients reach
+    /// the variables. The dtype and device are those of the variables (all must agree).
+    pub fn from_varmap(varmap: &candle_nn::VarMap) -> Result<Self> {
+        let vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+        let mut tensors = HashMap::with_capacity(vars.len());
+        let mut kind: Option<(DType, Device)> = None;
+        for (name, var) in vars.iter() {
+            let t = var.as_tensor();
+            match &kind {
+                None => kind = Some((t.dtype(), t.device().clone())),
+                Some((dtype, device)) if *dtype != t.dtype() || !device.same_device(t.device()) => {
+                    return Err(Error::Tensor {
+                        name: name.clone(),
+                        message: format!(
+                            "variable is {:?} on {:?}, the others are {dtype:?} on {device:?}",
+                            t.dtype(),
+                            t.device()
+                        ),
+                    });
+                }
+                Some(_) => {}
+            }
+            tensors.insert(name.clone(), t.clone());
+        }
+        let (dtype, device) = kind.unwrap_or((DType::F32, Device::Cpu));
+        Ok(Self::new(Source::Tensors(tensors), dtype, &device).with_mode(Mode::Train))
+    }
+
+    /// The same weights for a model that computes in `mode`.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// A shape-only source: `get` returns zero tensors broadcast to the stored shape, allocating nothing.
     pub fn from_shapes(shapes: HashMap<String, Vec<usize>>, dtype: DType, device: &Device) -> Self {
         Self::new(Source::Shapes(shapes), dtype, device)
@@ -112,6 +170,7 @@ impl Weights {
             source,
             dtype,
             device: device.clone(),
+            mode: Mode::Inference,
             used: Mutex::new(BTreeMap::new()),
         }
     }
@@ -333,5 +392,9 @@ impl<'a> WeightPath<'a> {
 
     pub fn device(&self) -> &Device {
         &self.weights.device
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.weights.mode
     }
 }

@@ -157,7 +157,7 @@ fn ema_rejects_mismatched_variables() {
     let a = Var::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
     let b = Var::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
     assert!(
-        lcd::ema_update(&[a.clone()], &[b], EMA_RATE)
+        lcd::ema_update(std::slice::from_ref(&a), &[b], EMA_RATE)
             .unwrap_err()
             .to_string()
             .contains("shape")

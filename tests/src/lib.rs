@@ -387,15 +387,17 @@ impl Farm {
         let Storage::S3(s3) = &self.storage else {
             bail!("not an S3 store")
         };
-        let mut keys = Vec::new();
+        let mut keys: Vec<String> = Vec::new();
         let mut token = None;
+        let mut start_after = None;
         loop {
             let r = s3
                 .client()
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(prefix)
-                .set_continuation_token(token)
+                .set_continuation_token(token.take())
+                .set_start_after(start_after.take())
                 .send()
                 .await
                 .context("list objects")?;
@@ -406,6 +408,11 @@ impl Farm {
             );
             match r.next_continuation_token() {
                 Some(t) => token = Some(t.to_string()),
+                // s3s-fs 0.13 marks a truncated page but sends no continuation token: go on after
+                // the last key instead (S3's StartAfter), which every S3 implementation honours.
+                None if r.is_truncated() == Some(true) && !r.contents().is_empty() => {
+                    start_after = keys.last().cloned();
+                }
                 None => break,
             }
         }

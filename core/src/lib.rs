@@ -64,7 +64,7 @@ pub mod fair;
 pub mod metrics_http;
 pub mod model;
 pub mod queue;
-mod scripts;
+
 pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -204,27 +204,69 @@ pub fn item_index(field: &str) -> Option<usize> {
 }
 
 /// Submits a job: unary for small inputs, streamed in chunks for big ones.
+/// Submits a job, retrying transient failures (coordinator unreachable, UNAVAILABLE, a timeout)
+/// with back-off. Every call carries an idempotency key, the caller's or one made for this
+/// invocation, and each retry reuses it, so a submit whose reply was lost never creates a second
+/// job: the retry answers with the first.
 pub async fn submit(
     client: &mut Client,
-    spec: pb::JobSpec,
+    mut spec: pb::JobSpec,
     parsed: &Parsed,
 ) -> anyhow::Result<pb::SubmitJobResponse> {
     let what = format!("the coordinator rejected {}", parsed.file);
-    let resp = if parsed.items.len() <= STREAM_THRESHOLD {
-        client
-            .submit_job(pb::SubmitJobRequest {
-                job: Some(spec),
-                items: parsed.items.clone(),
-            })
-            .await
-    } else {
-        let chunks = chunk_items(spec, parsed.items.clone());
-        client
-            .submit_job_stream(futures::stream::iter(chunks))
-            .await
-    };
-    resp.map(|r| r.into_inner())
-        .map_err(|s| status_error(s, &what, Some(parsed)))
+    let generated = spec.idempotency_key.is_empty();
+    if generated {
+        spec.idempotency_key = format!("cli-{}", uuid::Uuid::new_v4().simple());
+    }
+    let mut delay = std::time::Duration::from_millis(250);
+    let mut tries = 1;
+    loop {
+        let resp = if parsed.items.len() <= STREAM_THRESHOLD {
+            client
+                .submit_job(pb::SubmitJobRequest {
+                    job: Some(spec.clone()),
+                    items: parsed.items.clone(),
+                })
+                .await
+        } else {
+            let chunks = chunk_items(spec.clone(), parsed.items.clone());
+            client
+                .submit_job_stream(futures::stream::iter(chunks))
+                .await
+        };
+        match resp {
+            Ok(r) => {
+                let mut r = r.into_inner();
+                // A retry that found the job its own earlier try made did create it.
+                if generated && tries > 1 && !r.created {
+                    r.created = true;
+                }
+                return Ok(r);
+            }
+            Err(s) if retryable(&s) && tries < SUBMIT_TRIES => {
+                eprintln!(
+                    "submit: {} ({}); retrying in {} ms with the same idempotency key",
+                    s.message(),
+                    s.code(),
+                    delay.as_millis()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                tries += 1;
+            }
+            Err(s) => return Err(status_error(s, &what, Some(parsed))),
+        }
+    }
+}
+
+/// Tries of one submit (the first and its retries).
+const SUBMIT_TRIES: u32 = 6;
+
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
 }
 
 /// The header, then items in chunks bounded by count and encoded size.

@@ -140,6 +140,7 @@ pub fn job_to_proto(r: core::JobRecord, failures: Vec<pb::TaskFailure>) -> pb::J
         started_unix_ms: r.started_ms.map(ms).unwrap_or(0),
         finished_unix_ms: r.finished_ms.map(ms).unwrap_or(0),
         manifest_key: r.manifest_key.unwrap_or_default(),
+        manifest_pending: r.manifest_pending,
         failures,
         last_error: r.last_error.unwrap_or_default(),
         item_count: r.items,

@@ -73,7 +73,21 @@ impl From<ApiError> for Status {
             CoreError::Conflict(_) => Code::FailedPrecondition,
             CoreError::LeaseLost { .. } => Code::Aborted,
             e @ (CoreError::Redis(_) | CoreError::Io(_)) if e.is_transient() => Code::Unavailable,
-            CoreError::Storage(_) => Code::Unavailable,
+            CoreError::Storage(_) | CoreError::Unavailable(_) => Code::Unavailable,
+            // A control image the tenant may not read: the field in a BadRequest detail.
+            CoreError::PermissionDenied {
+                field,
+                message: why,
+            } => {
+                return Status::with_error_details(
+                    Code::PermissionDenied,
+                    message,
+                    ErrorDetails::with_bad_request(vec![FieldViolation::new(
+                        field.clone(),
+                        why.clone(),
+                    )]),
+                );
+            }
             CoreError::Corrupt { .. } => Code::DataLoss,
             CoreError::Redis(_) | CoreError::Io(_) | CoreError::Config(_) => Code::Internal,
             _ => Code::Internal,

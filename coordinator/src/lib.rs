@@ -156,12 +156,33 @@ pub async fn serve_all(
         }
         None => None,
     };
+    let sweeper = tokio::spawn(sweep_manifests(queue.clone(), storage.clone()));
     let service = FarmService::new(queue, storage, config.default_size);
     let shutdown = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    serve_with_options(service, options, listener, shutdown).await
+    let served = serve_with_options(service, options, listener, shutdown).await;
+    sweeper.abort();
+    served
+}
+
+/// Writes manifests left due (their finisher died, or the write failed), as the workers also do,
+/// so a farm whose workers are all gone still completes them.
+async fn sweep_manifests(queue: Queue, storage: Storage) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match queue
+            .sweep_manifests(&storage, std::time::Duration::from_secs(10), 64)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(manifests = n, "wrote manifests left due"),
+            Err(e) => tracing::debug!(error = %e, "manifest sweep failed"),
+        }
+    }
 }
 
 /// Serves an already built service without authentication or TLS (tests use

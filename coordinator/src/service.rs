@@ -130,6 +130,11 @@ impl FarmService {
             errs.sort_by_key(|e| e.index.map_or(0, |i| i + 1));
             return Err(ApiError::invalid(errs));
         }
+        pixfarm_core::control_access::check_job(
+            &spec,
+            self.storage.tenant_root(&spec.tenant).as_deref(),
+            &self.queue.config().fair.quotas,
+        )?;
         self.check_control_workers(&spec).await?;
         let s = self.queue.submit(spec).await?;
         info!(job = %s.job, created = s.created, tasks = s.total, "job submitted");
@@ -271,6 +276,16 @@ impl FarmService {
         let (id, _) = self.visible_job(ctx, job_id).await?;
         let rec = self.queue.cancel_job(&id).await?;
         info!(job = %id, "job canceled");
+        // The cancelled job's manifest (what it did render), written now; if this fails the
+        // manifest stays due and the sweep writes it.
+        {
+            let (queue, storage, id) = (self.queue.clone(), self.storage.clone(), id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = queue.write_manifest(&id, &storage).await {
+                    tracing::warn!(job = %id, error = %e, "manifest of the cancelled job not written yet; the sweep retries");
+                }
+            });
+        }
         Ok(pb::CancelJobResponse {
             job: Some(convert::job_to_proto(rec, Vec::new())),
         })

@@ -97,6 +97,14 @@ pub enum CoreError {
     /// it is rare and keeps `Result<_, CoreError>` small.
     #[error("{}", .0.message)]
     QuotaExceeded(Box<crate::fair::QuotaExceeded>),
+    /// The request names something its tenant may not read (a control image outside the tenant's
+    /// prefixes); `field` is the path of the offending field (`items[2].control.uri`).
+    #[error("permission denied: {field}: {message}")]
+    PermissionDenied { field: String, message: String },
+    /// A transient condition that is not a Redis or storage error (a staged submit lost before
+    /// its commit); nothing was written, the same call may succeed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl CoreError {
@@ -123,7 +131,7 @@ impl CoreError {
                     || e.is_timeout()
                     || e.is_connection_refusal()
             }
-            CoreError::Storage(_) | CoreError::Io(_) => true,
+            CoreError::Storage(_) | CoreError::Io(_) | CoreError::Unavailable(_) => true,
             _ => false,
         }
     }

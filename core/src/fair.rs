@@ -119,6 +119,10 @@ pub struct TenantQuota {
     pub submit_rate: Option<f64>,
     /// Submits allowed in a burst above the rate (bucket size); defaults to 1 with a rate.
     pub submit_burst: Option<u32>,
+    /// `s3://bucket/prefix/` locations whose objects the tenant may name as control images,
+    /// besides its own results (see [`crate::control_access`]). A tenant's list replaces the
+    /// default's.
+    pub allowed_input_prefixes: Option<Vec<String>>,
 }
 
 impl TenantQuota {
@@ -129,6 +133,10 @@ impl TenantQuota {
             max_in_flight_tasks: other.max_in_flight_tasks.or(self.max_in_flight_tasks),
             submit_rate: other.submit_rate.or(self.submit_rate),
             submit_burst: other.submit_burst.or(self.submit_burst),
+            allowed_input_prefixes: other
+                .allowed_input_prefixes
+                .clone()
+                .or_else(|| self.allowed_input_prefixes.clone()),
         }
     }
 
@@ -161,6 +169,11 @@ impl TenantQuota {
         if self.submit_burst == Some(0) {
             return bad("submit_burst", "must be at least 1");
         }
+        for (i, p) in self.allowed_input_prefixes.iter().flatten().enumerate() {
+            if let Err(m) = crate::control_access::check_prefix(p) {
+                return bad(&format!("allowed_input_prefixes[{i}]"), &m);
+            }
+        }
         Ok(())
     }
 }
@@ -177,6 +190,7 @@ impl TenantQuota {
 ///
 /// [tenants.render-team]
 /// max_queued_tasks = 2000000
+/// allowed_input_prefixes = ["s3://shared-inputs/render-team/"]
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

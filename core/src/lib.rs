@@ -58,6 +58,7 @@
 //! ```
 
 pub mod auth;
+pub mod control_access;
 pub mod error;
 pub mod fair;
 #[cfg(feature = "metrics-http")]
@@ -74,7 +75,7 @@ pub use error::{CoreError, Result, ValidationError};
 pub use fair::{FairConfig, QuotaExceeded, QuotaKind, TenantQuota, TenantQuotas, TenantUsage};
 pub use model::*;
 pub use queue::{DeadLetter, Failed, LaneStats, Queue, QueueConfig, Recorded, Submitted};
-pub use storage::{RetryPolicy, Storage, StorageOptions, StorageUrl};
+pub use storage::{PutNew, RetryPolicy, Storage, StorageOptions, StorageUrl};
 pub use validate::{
     LeasePolicy, Limits, control_key, image_key, manifest_key, object_prefix, validate_job,
 };

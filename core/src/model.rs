@@ -609,6 +609,10 @@ pub struct JobRecord {
     pub last_error: Option<String>,
     /// Object key of `manifest.jsonl`, once written.
     pub manifest_key: Option<String>,
+    /// The job ended (or its results changed after it ended) and its manifest is not written yet;
+    /// a worker or the coordinator writes it shortly.
+    #[serde(default)]
+    pub manifest_pending: bool,
 }
 
 /// Outcome of one image.

@@ -68,6 +68,15 @@ impl RetryPolicy {
 }
 
 /// A storage operation's failure, classified for [`RetryPolicy::run`].
+/// What [`Storage::put_new`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutNew {
+    /// The object was stored.
+    Created,
+    /// An object was already there; it was left as it was.
+    Exists,
+}
+
 #[derive(Debug)]
 pub enum OpError {
     Transient(String),
@@ -213,6 +222,18 @@ impl Storage {
         }
     }
 
+    /// Stores `data` at `key` only if nothing is there yet (S3 `If-None-Match: *`; a hard link on
+    /// a file store), so the first stored copy of an object is never replaced. A rendered image is
+    /// written this way: a second render of the same task (a redelivery, a lease race, a CPU and a
+    /// GPU worker whose PNGs differ) finds the first one and records *its* bytes, so the stored
+    /// object always matches its recorded sha256. Retries like [`Storage::put`].
+    pub async fn put_new(&self, key: &str, data: Bytes, content_type: &str) -> Result<PutNew> {
+        match self {
+            Storage::File(s) => s.put_new(key, data).await,
+            Storage::S3(s) => s.put_new(key, data, content_type).await,
+        }
+    }
+
     /// Reads the object at `key`; `NotFound` when absent.
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         match self {
@@ -257,6 +278,15 @@ impl Storage {
             Storage::File(_) => Err(CoreError::Storage(format!(
                 "cannot read {uri}: this farm stores to a local folder, not S3"
             ))),
+        }
+    }
+
+    /// Where `tenant`'s results live as an `s3://` prefix (what its control images may name, see
+    /// [`crate::control_access`]); `None` for a file store.
+    pub fn tenant_root(&self, tenant: &str) -> Option<String> {
+        match self {
+            Storage::File(_) => None,
+            Storage::S3(s) => Some(format!("s3://{}/{}/", s.bucket, s.full_key(tenant))),
         }
     }
 
@@ -325,6 +355,39 @@ impl FileStore {
                     let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
                     tokio::fs::write(&tmp, &data).await.map_err(classify)?;
                     tokio::fs::rename(&tmp, &path).await.map_err(classify)
+                }
+            })
+            .await
+    }
+
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<PutNew> {
+        let path = self.path(key)?;
+        self.retry
+            .run(&format!("write {}", path.display()), || {
+                let path = path.clone();
+                let data = data.clone();
+                async move {
+                    let classify = |e: std::io::Error| match e.kind() {
+                        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidInput => {
+                            OpError::Permanent(e.to_string())
+                        }
+                        _ => OpError::Transient(e.to_string()),
+                    };
+                    if let Some(dir) = path.parent() {
+                        tokio::fs::create_dir_all(dir).await.map_err(classify)?;
+                    }
+                    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+                    tokio::fs::write(&tmp, &data).await.map_err(classify)?;
+                    // link(2) fails if the name exists: the whole file appears at once, or not.
+                    let linked = tokio::fs::hard_link(&tmp, &path).await;
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    match linked {
+                        Ok(()) => Ok(PutNew::Created),
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                            Ok(PutNew::Exists)
+                        }
+                        Err(e) => Err(classify(e)),
+                    }
                 }
             })
             .await
@@ -474,6 +537,39 @@ impl S3Store {
         Ok(())
     }
 
+    async fn put_new(&self, key: &str, data: Bytes, content_type: &str) -> Result<PutNew> {
+        let full = self.full_key(key);
+        let made = self
+            .retry
+            .run(
+                &format!("put s3://{}/{full} (if absent)", self.bucket),
+                || {
+                    let body = ByteStream::from(data.clone());
+                    let full = full.clone();
+                    async move {
+                        let r = self
+                            .client
+                            .put_object()
+                            .bucket(&self.bucket)
+                            .key(full)
+                            .content_type(content_type)
+                            .if_none_match("*")
+                            .body(body)
+                            .send()
+                            .await;
+                        match r {
+                            Ok(_) => Ok(PutNew::Created),
+                            Err(e) if precondition_failed(&e) => Ok(PutNew::Exists),
+                            Err(e) => Err(classify(&e)),
+                        }
+                    }
+                },
+            )
+            .await?;
+        debug!(key = %full, bytes = data.len(), ?made, "stored if absent");
+        Ok(made)
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes> {
         let full = self.full_key(key);
         let bucket = self.bucket.clone();
@@ -580,6 +676,20 @@ impl S3Store {
 
 /// Classifies an SDK error: client mistakes (access denied, bad request) are permanent; dispatch
 /// failures, timeouts, throttling and 5xx are transient.
+/// S3's answer to `If-None-Match: *` when the object exists (HTTP 412).
+fn precondition_failed<E, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> bool
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match e {
+        aws_sdk_s3::error::SdkError::ServiceError(s) => {
+            s.err().code() == Some("PreconditionFailed")
+        }
+        _ => false,
+    }
+}
+
 fn classify<E, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> OpError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,

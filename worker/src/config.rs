@@ -120,6 +120,28 @@ pub struct WorkerConfig {
     /// Tasks a tenant moves into a lane stream per round-robin turn.
     #[arg(long, env = "PIXFARM_FAIR_QUANTUM", default_value_t = pixfarm_core::FairConfig::default().quantum, value_parser = clap::value_parser!(u32).range(1..))]
     pub fair_quantum: u32,
+
+    /// The coordinator's tenants file (TOML or JSON). The worker reads each tenant's
+    /// `allowed_input_prefixes` from it and refuses control images outside them and outside the
+    /// tenant's own results. Without it only the tenant's own results are readable.
+    #[arg(long, env = "PIXFARM_TENANT_QUOTAS")]
+    pub tenant_quotas: Option<PathBuf>,
+
+    /// How long an upload keeps retrying through a storage outage (the tasks stay leased, nothing
+    /// counts as an attempt) before the tasks are given back to the queue, in milliseconds.
+    #[arg(
+        long,
+        env = "PIXFARM_STORAGE_OUTAGE_HOLD_MS",
+        default_value_t = 300_000
+    )]
+    pub storage_outage_hold_ms: u64,
+
+    /// Render watchdog: a batch that takes longer than this many times its work estimate (the
+    /// same estimate its leases are sized from) fails its tasks for a retry elsewhere, and the
+    /// worker exits so its supervisor restarts it (a hung device cannot be recovered in-process).
+    /// A held task is also no longer heartbeated past that deadline. 0 turns the watchdog off.
+    #[arg(long, env = "PIXFARM_WATCHDOG_FACTOR", default_value_t = 4.0)]
+    pub watchdog_factor: f64,
 }
 
 impl Default for WorkerConfig {
@@ -146,6 +168,9 @@ impl Default for WorkerConfig {
             hed_weights: None,
             fair_stream_target: pixfarm_core::FairConfig::default().stream_target,
             fair_quantum: pixfarm_core::FairConfig::default().quantum,
+            tenant_quotas: None,
+            storage_outage_hold_ms: 300_000,
+            watchdog_factor: 4.0,
         }
     }
 }
@@ -230,6 +255,21 @@ impl WorkerConfig {
             .map_err(|e| bad("storage URL (PIXFARM_STORAGE_URL)", e.to_string()))?;
         self.parse_device()?;
         self.parse_dtype()?;
+        if let Some(p) = &self.tenant_quotas {
+            pixfarm_core::TenantQuotas::load(p)
+                .map_err(|e| bad("tenants file (PIXFARM_TENANT_QUOTAS)", e.to_string()))?;
+        }
+        if !(self.watchdog_factor == 0.0
+            || (self.watchdog_factor.is_finite() && self.watchdog_factor >= 1.0))
+        {
+            return Err(bad(
+                "watchdog factor (PIXFARM_WATCHDOG_FACTOR)",
+                format!(
+                    "{} must be 0 (off) or at least 1 (a batch may take that many times its estimate)",
+                    self.watchdog_factor
+                ),
+            ));
+        }
         if !self.model_dir.is_dir() {
             return Err(bad(
                 "model directory (PIXFARM_MODEL_DIR)",
@@ -282,6 +322,32 @@ impl WorkerConfig {
                 format!("`{other}` is not auto, f32, f16 or bf16"),
             )),
         }
+    }
+
+    /// The tenants file, when configured (already checked by [`WorkerConfig::validate`]).
+    pub fn tenants(&self) -> Result<pixfarm_core::TenantQuotas, ConfigError> {
+        match &self.tenant_quotas {
+            None => Ok(Default::default()),
+            Some(p) => pixfarm_core::TenantQuotas::load(p)
+                .map_err(|e| bad("tenants file (PIXFARM_TENANT_QUOTAS)", e.to_string())),
+        }
+    }
+
+    /// How long a batch of tasks may render or be held before the watchdog acts; `None` when off.
+    /// The estimate is the batch's lease budget: the base once plus each task's share above it.
+    pub fn watchdog_deadline(&self, leases_ms: &[u64]) -> Option<Duration> {
+        if self.watchdog_factor == 0.0 {
+            return None;
+        }
+        let base = self.lease_base_ms;
+        let work: u64 = base
+            + leases_ms
+                .iter()
+                .map(|l| l.saturating_sub(base))
+                .sum::<u64>();
+        Some(Duration::from_millis(
+            (work as f64 * self.watchdog_factor) as u64,
+        ))
     }
 
     /// The queue settings this worker uses (leases, attempts).

@@ -31,6 +31,9 @@ enum EngineJob {
 pub struct ControlError {
     pub reason: String,
     pub retryable: bool,
+    /// The failure was the infrastructure's (storage or Redis unreachable), not the image's: the
+    /// task is given back without counting an attempt.
+    pub infrastructure: bool,
 }
 
 impl ControlError {
@@ -38,12 +41,21 @@ impl ControlError {
         Self {
             reason: reason.into(),
             retryable: false,
+            infrastructure: false,
         }
     }
     pub fn retryable(reason: impl Into<String>) -> Self {
         Self {
             reason: reason.into(),
             retryable: true,
+            infrastructure: false,
+        }
+    }
+    pub fn infrastructure(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            retryable: true,
+            infrastructure: true,
         }
     }
 }

@@ -35,8 +35,8 @@ use pixart::pipeline::{
     ModelSource, PipelineOptions, RenderItem, RenderRequest, StepProgress, TimestepSpacing,
 };
 use pixfarm_core::{
-    ControlRef, CoreError, Failed, JobId, Queue, Recorded, Storage, Task, TaskResult, Timings,
-    WorkerInfo, WorkerState,
+    ControlRef, CoreError, Failed, JobId, PutNew, Queue, Recorded, Storage, Task, TaskResult,
+    Timings, WorkerInfo, WorkerState,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Semaphore, mpsc};
@@ -60,16 +60,37 @@ pub enum WorkerError {
     Core(#[from] CoreError),
     #[error("the engine thread stopped unexpectedly")]
     EngineStopped,
+    #[error(
+        "a render ran past its watchdog deadline (the device may be hung); its tasks were given back for a retry elsewhere"
+    )]
+    EngineHung,
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
 }
 
-/// Tasks this worker holds (pulled, not yet acknowledged): the heartbeat extends their leases.
+/// Tasks this worker holds (pulled, not yet acknowledged): the heartbeat extends their leases,
+/// but only until each one's watchdog deadline. A task still held past it (a hung device, an
+/// upload task that died) is dropped from the heartbeat, so its lease runs out and another worker
+/// takes it over, instead of being held forever.
 #[derive(Default)]
 struct Held {
-    tasks: HashMap<String, Task>,
-    /// Entry ids whose lease was lost to another worker: their results are not recorded.
-    lost: HashSet<String>,
+    tasks: HashMap<String, (Task, Option<Instant>)>,
+}
+
+impl Held {
+    /// Removes and returns the tasks whose deadline passed at `now`.
+    fn take_overdue(&mut self, now: Instant) -> Vec<Task> {
+        let overdue: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, (_, d))| d.is_some_and(|d| d <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        overdue
+            .into_iter()
+            .filter_map(|id| self.tasks.remove(&id).map(|(t, _)| t))
+            .collect()
+    }
 }
 
 struct Shared {
@@ -79,13 +100,25 @@ struct Shared {
     held: Mutex<Held>,
     info: Mutex<WorkerInfo>,
     step_events: bool,
+    config: WorkerConfig,
+    tenants: pixfarm_core::TenantQuotas,
+    /// Set while uploads fail for storage reasons: the worker stops pulling until a probe of the
+    /// store succeeds, so an outage delays work instead of cycling tasks through failures.
+    storage_down: AtomicBool,
+    /// Set when the watchdog gave up on a render: the worker exits so it can be restarted.
+    engine_hung: AtomicBool,
 }
 
 impl Shared {
     async fn hold(&self, tasks: &[Task]) {
+        let leases: Vec<u64> = tasks.iter().map(|t| t.spec.lease_ms).collect();
+        let deadline = self
+            .config
+            .watchdog_deadline(&leases)
+            .map(|d| Instant::now() + d);
         let mut h = self.held.lock().await;
         for t in tasks {
-            h.tasks.insert(t.entry_id.clone(), t.clone());
+            h.tasks.insert(t.entry_id.clone(), (t.clone(), deadline));
         }
         metrics::tasks_in_flight(h.tasks.len());
     }
@@ -94,9 +127,13 @@ impl Shared {
         let mut h = self.held.lock().await;
         for t in tasks {
             h.tasks.remove(&t.entry_id);
-            h.lost.remove(&t.entry_id);
         }
         metrics::tasks_in_flight(h.tasks.len());
+    }
+
+    /// Whether `task` is still held by this worker (not lost to another, not past its deadline).
+    async fn holds(&self, task: &Task) -> bool {
+        self.held.lock().await.tasks.contains_key(&task.entry_id)
     }
 
     async fn set_state(&self, state: WorkerState, batch: usize) {
@@ -168,6 +205,7 @@ pub async fn run(
     queue.register_worker(&info).await?;
     info!(worker = %worker_id, storage = %storage.describe(), ready_ms = started.elapsed().as_millis() as u64, "worker ready");
 
+    let tenants = config.tenants()?;
     let shared = Arc::new(Shared {
         queue,
         storage,
@@ -175,6 +213,10 @@ pub async fn run(
         held: Mutex::new(Held::default()),
         info: Mutex::new(info),
         step_events: config.step_events,
+        config: config.clone(),
+        tenants,
+        storage_down: AtomicBool::new(false),
+        engine_hung: AtomicBool::new(false),
     });
 
     let draining = Arc::new(AtomicBool::new(false));
@@ -200,6 +242,10 @@ pub async fn run(
     let mut engine_stopped = false;
     while !draining.load(Ordering::SeqCst) {
         while in_flight.try_join_next().is_some() {}
+        if shared.storage_down.load(Ordering::SeqCst) {
+            wait_for_storage(&shared, &draining).await;
+            continue;
+        }
         let tasks = match shared
             .queue
             .pull(&worker_id, &config.lanes, config.max_batch, poll)
@@ -237,6 +283,10 @@ pub async fn run(
             engine_stopped = true;
             break;
         }
+        if shared.engine_hung.load(Ordering::SeqCst) {
+            error!("the render watchdog fired; exiting so the worker can be restarted");
+            break;
+        }
     }
 
     shared.set_state(WorkerState::Draining, 0).await;
@@ -247,6 +297,11 @@ pub async fn run(
         .queue
         .remove_consumer(&worker_id, &config.lanes)
         .await;
+    if shared.engine_hung.load(Ordering::SeqCst) {
+        // The engine thread may never return: do not wait for it.
+        std::mem::forget(engine);
+        return Err(WorkerError::EngineHung);
+    }
     drop(engine);
     if engine_stopped {
         return Err(WorkerError::EngineStopped);
@@ -255,13 +310,32 @@ pub async fn run(
     Ok(())
 }
 
-/// Extends the leases of held tasks and refreshes the registry entry.
+/// Extends the leases of held tasks (until their watchdog deadline), refreshes the registry entry
+/// and, every few beats, writes manifests that are due and were left behind (their finisher died,
+/// or the write failed).
 async fn heartbeat_loop(shared: Arc<Shared>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sweep_every = (MANIFEST_SWEEP.as_millis() / every.as_millis().max(1)).max(1) as u64;
+    let mut beat: u64 = 0;
     loop {
         tick.tick().await;
-        let tasks: Vec<Task> = shared.held.lock().await.tasks.values().cloned().collect();
+        beat += 1;
+        let overdue = shared.held.lock().await.take_overdue(Instant::now());
+        for t in &overdue {
+            error!(job = %t.spec.job, index = t.spec.index, "task held past its watchdog deadline (hung render or a lost upload): no longer extending its lease, another worker will take it over");
+        }
+        if !overdue.is_empty() {
+            metrics::tasks_in_flight(shared.held.lock().await.tasks.len());
+        }
+        let tasks: Vec<Task> = shared
+            .held
+            .lock()
+            .await
+            .tasks
+            .values()
+            .map(|(t, _)| t.clone())
+            .collect();
         if !tasks.is_empty() {
             match shared.queue.extend_leases(&shared.worker_id, &tasks).await {
                 Ok(flags) => {
@@ -269,7 +343,6 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration) {
                     for (t, ok) in tasks.iter().zip(flags) {
                         if !ok && h.tasks.remove(&t.entry_id).is_some() {
                             warn!(job = %t.spec.job, index = t.spec.index, "lease lost to another worker");
-                            h.lost.insert(t.entry_id.clone());
                         }
                     }
                 }
@@ -279,6 +352,42 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration) {
         let info = shared.info.lock().await.clone();
         if let Err(e) = shared.queue.heartbeat_worker(&info).await {
             warn!(error = %e, "registry heartbeat failed");
+        }
+        if beat % sweep_every == 0 && !shared.storage_down.load(Ordering::SeqCst) {
+            match shared
+                .queue
+                .sweep_manifests(&shared.storage, MANIFEST_GRACE, 16)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => info!(manifests = n, "wrote manifests left due"),
+                Err(e) => debug!(error = %e, "manifest sweep failed"),
+            }
+        }
+    }
+}
+
+/// How often each worker looks for manifests left due.
+const MANIFEST_SWEEP: Duration = Duration::from_secs(5);
+/// How long a finisher has to write its own manifest before sweepers do.
+const MANIFEST_GRACE: Duration = Duration::from_secs(10);
+
+/// Waits (probing the store with back-off) until storage answers again, or a drain starts.
+async fn wait_for_storage(shared: &Shared, draining: &AtomicBool) {
+    let mut delay = Duration::from_millis(500);
+    shared.set_state(WorkerState::Idle, 0).await;
+    while !draining.load(Ordering::SeqCst) {
+        match shared.storage.exists(".pixfarm-probe").await {
+            Ok(_) => {
+                info!("storage answers again: pulling resumes");
+                shared.storage_down.store(false, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "storage still down: not pulling");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }
@@ -346,7 +455,31 @@ async fn render_group(
     ));
     let (timed_tx, timed_rx) = mpsc::unbounded_channel::<StepProgress>();
     tokio::spawn(metrics::time_steps(timed_rx, ptx));
-    let result = engine.render(request, cancel, timed_tx).await;
+    let leases: Vec<u64> = group.iter().map(|t| t.spec.lease_ms).collect();
+    let result = match shared.config.watchdog_deadline(&leases) {
+        None => engine.render(request, cancel.clone(), timed_tx).await,
+        Some(deadline) => {
+            match tokio::time::timeout(deadline, engine.render(request, cancel.clone(), timed_tx))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    cancel.store(true, Ordering::Relaxed);
+                    watcher.abort();
+                    let msg = format!(
+                        "the render ran past its watchdog deadline of {} ms (device hung?)",
+                        deadline.as_millis()
+                    );
+                    error!(tasks = group.len(), "{msg}");
+                    for t in &group {
+                        fail_task(shared, t, &msg).await;
+                    }
+                    shared.engine_hung.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+    };
     let _ = watcher.await;
 
     match result {
@@ -449,7 +582,11 @@ async fn watch_steps(
 }
 
 /// Encodes, uploads and records one rendered group. Images of jobs cancelled meanwhile are not
-/// stored ("no new images after a cancel").
+/// stored ("no new images after a cancel"). Every image is stored with [`Storage::put_new`]: when
+/// a copy is already there (an earlier delivery of the same task got as far as the upload) that
+/// copy is kept and recorded, so the stored bytes always match the recorded sha256. A storage
+/// outage keeps the tasks leased and retrying for up to `storage_outage_hold_ms`, then gives them
+/// back without counting an attempt.
 async fn upload_and_record(
     shared: &Arc<Shared>,
     group: Vec<Task>,
@@ -465,90 +602,62 @@ async fn upload_and_record(
         .await
         .unwrap_or_default();
     let mut uploads = JoinSet::new();
+    let mut spawned: HashMap<tokio::task::Id, Task> = HashMap::new();
     for ((task, out), edge) in group.into_iter().zip(outputs).zip(edges) {
         if cancelled.contains(&task.spec.job) {
             ack_quietly(shared, std::slice::from_ref(&task)).await;
             continue;
         }
-        let shared = shared.clone();
-        uploads.spawn(async move {
-            let t_enc = Instant::now();
-            let png = tokio::task::spawn_blocking(move || encode_png(&out.image)).await;
-            let png = match png {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => return Err((task, format!("PNG encoding failed: {e}"))),
-                Err(e) => return Err((task, format!("PNG encoding panicked: {e}"))),
-            };
-            let encode_ms = t_enc.elapsed().as_secs_f64() * 1e3;
-            let sha = hex::encode(Sha256::digest(&png));
-            let t_up = Instant::now();
-            // The edge map goes first, so a recorded result never names a missing edge map.
-            let control_key = match edge {
-                Some(edge) => {
-                    let key = edge_map_key(&task.spec.output_key);
-                    let png = match tokio::task::spawn_blocking(move || encode_png(&edge)).await {
-                        Ok(Ok(p)) => p,
-                        Ok(Err(e)) => {
-                            return Err((task, format!("edge map PNG encoding failed: {e}")));
-                        }
-                        Err(e) => {
-                            return Err((task, format!("edge map PNG encoding panicked: {e}")));
-                        }
-                    };
-                    if let Err(e) = shared.storage.put(&key, png, "image/png").await {
-                        return Err((task, format!("edge map upload failed: {e}")));
-                    }
-                    Some(key)
-                }
-                None => None,
-            };
-            if let Err(e) = shared
-                .storage
-                .put(&task.spec.output_key, png, "image/png")
-                .await
-            {
-                return Err((task, format!("upload failed: {e}")));
-            }
-            metrics::image_stored(encode_ms, t_up.elapsed().as_secs_f64() * 1e3);
-            let timings = Timings {
-                queue_ms: picked_ms.saturating_sub(task.spec.submitted_ms) as f64,
-                render_ms: per_image_ms,
-                encode_ms,
-                upload_ms: t_up.elapsed().as_secs_f64() * 1e3,
-                batch_size: batch,
-            };
-            let mut result = TaskResult::succeeded(
-                &task,
-                task.spec.output_key.clone(),
-                sha,
-                &shared.worker_id,
-                timings,
-            );
-            result.parameters.control_key = control_key;
-            Ok((task, result))
+        let shared2 = shared.clone();
+        let t2 = task.clone();
+        let handle = uploads.spawn(async move {
+            store_one(&shared2, t2, out, edge, per_image_ms, batch, picked_ms).await
         });
+        spawned.insert(handle.id(), task);
     }
     let mut done = Vec::new();
-    while let Some(r) = uploads.join_next().await {
+    let mut outage = Vec::new();
+    while let Some(r) = uploads.join_next_with_id().await {
         match r {
-            Ok(Ok(pair)) => done.push(pair),
-            Ok(Err((task, msg))) => fail_task(shared, &task, &msg).await,
-            Err(e) => error!(error = %e, "upload task panicked"),
+            Ok((id, Ok(pair))) => {
+                spawned.remove(&id);
+                done.push(pair);
+            }
+            Ok((id, Err(Stored::Failed(task, msg)))) => {
+                spawned.remove(&id);
+                fail_task(shared, &task, &msg).await
+            }
+            Ok((id, Err(Stored::Outage(task, msg)))) => {
+                spawned.remove(&id);
+                outage.push((task, msg));
+            }
+            Err(e) => {
+                // The upload task panicked: fail its task rather than hold it forever.
+                error!(error = %e, "upload task panicked");
+                if let Some(task) = spawned.remove(&e.id()) {
+                    fail_task(shared, &task, &format!("the upload panicked: {e}")).await;
+                }
+            }
         }
+    }
+    for (task, msg) in outage {
+        defer_task(shared, &task, &msg).await;
     }
     if done.is_empty() {
         return;
     }
-    // Results of tasks whose lease was lost are still recorded: HSETNX keeps whichever came first,
-    // and both images are the same (same seed, same model).
+    // Results of tasks whose lease was lost are still recorded: the first record of an index
+    // wins, and the stored object is the first one stored, whoever recorded it.
+    let hold = Duration::from_millis(shared.config.storage_outage_hold_ms);
+    let started = Instant::now();
     let mut backoff = Duration::from_millis(100);
     let outcomes = loop {
         match shared.queue.complete_many(&done).await {
             Ok(o) => break o,
-            Err(e) if e.is_transient() && backoff < Duration::from_secs(60) => {
+            Err(e) if e.is_transient() && started.elapsed() < hold => {
                 warn!(error = %e, "recording results failed, retrying");
                 tokio::time::sleep(backoff).await;
-                backoff *= 2;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
                 error!(error = %e, "recording results failed; the tasks will be redelivered after their lease");
@@ -559,7 +668,7 @@ async fn upload_and_record(
         }
     };
     let mut finished: Vec<JobId> = Vec::new();
-    for ((task, _), outcome) in done.iter().zip(&outcomes) {
+    for ((task, result), outcome) in done.iter().zip(&outcomes) {
         match outcome {
             Recorded::Recorded | Recorded::JobFinished(_) => {
                 metrics::completed(pixfarm_core::now_ms().saturating_sub(task.spec.submitted_ms))
@@ -570,18 +679,10 @@ async fn upload_and_record(
         match outcome {
             Recorded::JobFinished(_) => finished.push(task.spec.job.clone()),
             Recorded::Canceled => {
-                // Cancelled after the check above: remove the image we just stored.
+                // Cancelled after the check above: remove the image and its edge map.
                 let _ = shared.storage.delete(&task.spec.output_key).await;
-            }
-            Recorded::Duplicate => {
-                // Recorded before (a lease race, or our own earlier try that lost its reply): if
-                // that finished the job, its manifest may still be missing.
-                if !finished.contains(&task.spec.job)
-                    && let Ok(rec) = shared.queue.get_job(&task.spec.job).await
-                    && rec.state.is_terminal()
-                    && rec.manifest_key.is_none()
-                {
-                    finished.push(task.spec.job.clone());
+                if let Some(k) = &result.parameters.control_key {
+                    let _ = shared.storage.delete(k).await;
                 }
             }
             _ => {}
@@ -607,9 +708,123 @@ async fn upload_and_record(
     }
     let tasks: Vec<Task> = done.into_iter().map(|(t, _)| t).collect();
     shared.release(&tasks).await;
+    // A manifest that fails here stays due and a sweep writes it (see `Queue::sweep_manifests`).
     for job in finished {
         if let Err(e) = shared.queue.write_manifest(&job, &shared.storage).await {
-            error!(job = %job, error = %e, "writing the manifest failed");
+            error!(job = %job, error = %e, "writing the manifest failed; it stays due and is retried");
+        }
+    }
+}
+
+/// Why one image was not stored.
+enum Stored {
+    /// The task's own failure (encoding): counts as an attempt.
+    Failed(Task, String),
+    /// Storage stayed down for the whole outage hold: give the task back, attempt not counted.
+    Outage(Task, String),
+}
+
+/// Encodes and stores one image (and its edge map first, so a recorded result never names a
+/// missing edge map), keeping whatever copy was stored first.
+async fn store_one(
+    shared: &Arc<Shared>,
+    task: Task,
+    out: pixart::pipeline::RenderOutput,
+    edge: Option<image::RgbImage>,
+    per_image_ms: f64,
+    batch: u32,
+    picked_ms: u64,
+) -> Result<(Task, TaskResult), Stored> {
+    let t_enc = Instant::now();
+    let png = match tokio::task::spawn_blocking(move || encode_png(&out.image)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return Err(Stored::Failed(task, format!("PNG encoding failed: {e}"))),
+        Err(e) => return Err(Stored::Failed(task, format!("PNG encoding panicked: {e}"))),
+    };
+    let encode_ms = t_enc.elapsed().as_secs_f64() * 1e3;
+    let t_up = Instant::now();
+    let control_key = match edge {
+        Some(edge) => {
+            let key = edge_map_key(&task.spec.output_key);
+            let png = match tokio::task::spawn_blocking(move || encode_png(&edge)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    return Err(Stored::Failed(
+                        task,
+                        format!("edge map PNG encoding failed: {e}"),
+                    ));
+                }
+                Err(e) => {
+                    return Err(Stored::Failed(
+                        task,
+                        format!("edge map PNG encoding panicked: {e}"),
+                    ));
+                }
+            };
+            if let Err(msg) = put_first(shared, &task, &key, png).await {
+                return Err(Stored::Outage(task, format!("edge map upload: {msg}")));
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    let sha = match put_first(shared, &task, &task.spec.output_key, png).await {
+        Ok(sha) => sha,
+        Err(msg) => return Err(Stored::Outage(task, format!("upload: {msg}"))),
+    };
+    metrics::image_stored(encode_ms, t_up.elapsed().as_secs_f64() * 1e3);
+    let timings = Timings {
+        queue_ms: picked_ms.saturating_sub(task.spec.submitted_ms) as f64,
+        render_ms: per_image_ms,
+        encode_ms,
+        upload_ms: t_up.elapsed().as_secs_f64() * 1e3,
+        batch_size: batch,
+    };
+    let mut result = TaskResult::succeeded(
+        &task,
+        task.spec.output_key.clone(),
+        sha,
+        &shared.worker_id,
+        timings,
+    );
+    result.parameters.control_key = control_key;
+    Ok((task, result))
+}
+
+/// Stores `png` at `key` unless a copy is there already, and returns the sha256 of the bytes that
+/// are stored now. Storage errors are retried (the task stays leased) for up to the outage hold;
+/// while they last the worker stops pulling. The error is the last storage error.
+async fn put_first(shared: &Shared, task: &Task, key: &str, png: Bytes) -> Result<String, String> {
+    let hold = Duration::from_millis(shared.config.storage_outage_hold_ms);
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            match shared
+                .storage
+                .put_new(key, png.clone(), "image/png")
+                .await?
+            {
+                PutNew::Created => Ok(hex::encode(Sha256::digest(&png))),
+                PutNew::Exists => {
+                    let stored = shared.storage.get(key).await?;
+                    debug!(key, "an earlier copy is stored: keeping and recording it");
+                    Ok::<_, CoreError>(hex::encode(Sha256::digest(&stored)))
+                }
+            }
+        };
+        match attempt.await {
+            Ok(sha) => {
+                shared.storage_down.store(false, Ordering::SeqCst);
+                return Ok(sha);
+            }
+            Err(e) if e.is_transient() && started.elapsed() < hold && shared.holds(task).await => {
+                shared.storage_down.store(true, Ordering::SeqCst);
+                warn!(key, error = %e, retry_in_ms = delay.as_millis() as u64, "storage unavailable: holding the task and retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.to_string()),
         }
     }
 }
@@ -645,7 +860,7 @@ async fn prepare_controls(
             Some(_) => match load_control(shared, &t).await {
                 Ok(img) => Some(img),
                 Err(e) => {
-                    fail_task_with(shared, &t, &e.reason, e.retryable).await;
+                    control_failed(shared, &t, &e).await;
                     continue;
                 }
             },
@@ -680,16 +895,18 @@ async fn prepare_controls(
                 tasks.push(t);
                 edges.push(Some(edge));
             }
-            Some(Err(e)) => fail_task_with(shared, &t, &e.reason, e.retryable).await,
+            Some(Err(e)) => control_failed(shared, &t, &e).await,
             None => fail_task(shared, &t, "no edge map was made").await,
         }
     }
     (tasks, edges)
 }
 
-/// Reads and decodes a task's control image; the error says why it cannot be used. A read can fail
-/// for a while (S3 or Redis trouble, an object not there yet) and is retried; bytes that do not
-/// decode never will.
+/// Reads and decodes a task's control image; the error says why it cannot be used. A URI outside
+/// what the task's tenant may read is refused for good (see `pixfarm_core::control_access`). A
+/// store or Redis that cannot be reached is the infrastructure's failure (the task is given back
+/// without counting an attempt); an object that is not there (yet) is retried as an attempt;
+/// bytes that do not decode never will.
 async fn load_control(
     shared: &Shared,
     task: &Task,
@@ -700,15 +917,56 @@ async fn load_control(
         .control
         .as_ref()
         .ok_or_else(|| ControlError::permanent("no control image"))?;
-    let bytes = match &c.source {
+    let read = match &c.source {
         ControlRef::Inline { item } => shared.queue.control_image(&task.spec.job, *item).await,
-        ControlRef::Uri(uri) => shared.storage.get_uri(uri).await,
-    }
-    .map_err(|e| ControlError::retryable(format!("cannot read the control image: {e}")))?;
+        ControlRef::Uri(uri) => {
+            let allowed = shared
+                .tenants
+                .for_tenant(&task.spec.tenant)
+                .allowed_input_prefixes
+                .unwrap_or_default();
+            let own = shared.storage.tenant_root(&task.spec.tenant);
+            pixfarm_core::control_access::check_uri(uri, own.as_deref(), &allowed)
+                .map_err(|m| ControlError::permanent(format!("control image refused: {m}")))?;
+            shared.storage.get_uri(uri).await
+        }
+    };
+    let bytes = read.map_err(|e| match e {
+        CoreError::NotFound { .. } => {
+            ControlError::retryable(format!("cannot read the control image: {e}"))
+        }
+        e if e.is_transient() => {
+            ControlError::infrastructure(format!("cannot read the control image: {e}"))
+        }
+        e => ControlError::retryable(format!("cannot read the control image: {e}")),
+    })?;
     tokio::task::spawn_blocking(move || image::load_from_memory(&bytes))
         .await
         .map_err(|e| ControlError::permanent(format!("control image decoding panicked: {e}")))?
         .map_err(|e| ControlError::permanent(format!("undecodable control image: {e}")))
+}
+
+/// A control image that cannot guide its render: deferred when the infrastructure failed,
+/// otherwise a failed attempt (or a dead letter when no attempt can help).
+async fn control_failed(shared: &Arc<Shared>, task: &Task, e: &engine::ControlError) {
+    if e.infrastructure {
+        defer_task(shared, task, &e.reason).await
+    } else {
+        fail_task_with(shared, task, &e.reason, e.retryable).await
+    }
+}
+
+/// Gives a task back to the queue without counting an attempt (the failure was the
+/// infrastructure's, see [`Queue::defer`]).
+async fn defer_task(shared: &Arc<Shared>, task: &Task, reason: &str) {
+    metrics::deferred();
+    match shared.queue.defer(&shared.worker_id, task, reason).await {
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %e, "giving a task back failed; it will be redelivered after its lease")
+        }
+    }
+    shared.release(std::slice::from_ref(task)).await;
 }
 
 /// Reports a failed attempt (retried or dead-lettered by the queue); writes the manifest when that

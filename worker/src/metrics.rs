@@ -71,6 +71,10 @@ fn describe() {
         "Failed attempts handed back to the queue for another try"
     );
     describe_counter!(
+        "pixfarm_worker_tasks_deferred_total",
+        "Tasks given back without counting an attempt because storage or Redis was unreachable"
+    );
+    describe_counter!(
         "pixfarm_worker_tasks_failed_total",
         "Tasks that failed for good (moved to the dead-letter stream)"
     );
@@ -264,6 +268,10 @@ pub(crate) fn duplicate() {
 
 pub(crate) fn retried() {
     counter!("pixfarm_worker_tasks_retried_total").increment(1);
+}
+
+pub(crate) fn deferred() {
+    counter!("pixfarm_worker_tasks_deferred_total").increment(1);
 }
 
 pub(crate) fn failed() {

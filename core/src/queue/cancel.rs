@@ -15,6 +15,7 @@ impl Queue {
             .cancel
             .key(job_key(job))
             .key(events_key(job))
+            .key(MANIFEST_DUE_KEY)
             .arg(now_ms())
             .arg(self.config.events_maxlen)
             .arg(job.as_str())

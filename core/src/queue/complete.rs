@@ -5,8 +5,12 @@ use super::*;
 
 impl Queue {
     /// Records a rendered image once, then acknowledges the entry. Call it only after the image is
-    /// stored. A task another worker already recorded writes nothing (`Duplicate`); a task of a
-    /// cancelled job writes nothing (`Canceled`). Either way the entry is acknowledged.
+    /// stored. A task another worker already recorded writes nothing (`Duplicate`), unless that
+    /// record was a failure: a stored image replaces it (its worker stalled past the lease and the
+    /// task was dead-lettered meanwhile). A task of a cancelled job writes nothing (`Canceled`).
+    /// Either way the entry is acknowledged. A job that ends here is marked manifest-due in the
+    /// same step, so its manifest is written even if the caller dies before
+    /// [`Queue::write_manifest`] (see [`Queue::sweep_manifests`]).
     #[instrument(skip_all, fields(job = %task.spec.job, index = task.spec.index))]
     pub async fn complete(&self, task: &Task, result: &TaskResult) -> Result<Recorded> {
         let key = result.key.clone().unwrap_or_default();
@@ -47,6 +51,11 @@ impl Queue {
     ) -> Result<Recorded> {
         let job = &task.spec.job;
         let json = serde_json::to_string(result).map_err(|e| CoreError::corrupt("result", e))?;
+        let task_json = if outcome == "fail" {
+            serde_json::to_string(&task.spec).map_err(|e| CoreError::corrupt("task", e))?
+        } else {
+            String::new()
+        };
         let mut c = self.conn.clone();
         let (status, state): (String, String) = self
             .scripts
@@ -54,6 +63,8 @@ impl Queue {
             .key(job_key(job))
             .key(results_key(job))
             .key(events_key(job))
+            .key(MANIFEST_DUE_KEY)
+            .key(DEAD_KEY)
             .arg(task.spec.index)
             .arg(json)
             .arg(now_ms())
@@ -61,6 +72,10 @@ impl Queue {
             .arg(self.config.events_maxlen)
             .arg(outcome)
             .arg(error)
+            .arg(self.config.dead_maxlen)
+            .arg(task.attempt)
+            .arg(task_json)
+            .arg(job.as_str())
             .invoke_async(&mut c)
             .await?;
         Ok(match status.as_str() {

@@ -30,10 +30,12 @@ impl Queue {
                 .note_error
                 .key(job_key(&task.spec.job))
                 .key(events_key(&task.spec.job))
+                .key(results_key(&task.spec.job))
                 .arg(now_ms())
                 .arg(event_json(&ev)?)
                 .arg(self.config.events_maxlen)
                 .arg(error)
+                .arg(task.spec.index)
                 .invoke_async(&mut c)
                 .await?;
             warn!(error, "task failed, retrying");
@@ -51,8 +53,27 @@ impl Queue {
         ))
     }
 
+    /// Gives a task back without counting the attempt: the failure was the infrastructure's (the
+    /// object store or Redis was down), not the task's, so it must delay the work and never
+    /// dead-letter it. The task is re-enqueued (owner-checked) with the attempts it had before
+    /// this delivery. Returns `false` when the caller no longer owned it.
+    #[instrument(skip_all, fields(job = %task.spec.job, index = task.spec.index))]
+    pub async fn defer(&self, worker: &str, task: &Task, reason: &str) -> Result<bool> {
+        warn!(
+            reason,
+            "infrastructure failure: task deferred, attempt not counted"
+        );
+        self.requeue(worker, task, task.attempt.saturating_sub(1))
+            .await
+    }
+
     /// Re-enqueues `task` with `prior_attempts` set, if `worker` still owns it.
-    pub(super) async fn requeue(&self, worker: &str, task: &Task, prior_attempts: u32) -> Result<bool> {
+    pub(super) async fn requeue(
+        &self,
+        worker: &str,
+        task: &Task,
+        prior_attempts: u32,
+    ) -> Result<bool> {
         let mut spec = task.spec.clone();
         spec.prior_attempts = prior_attempts;
         let json = serde_json::to_string(&spec).map_err(|e| CoreError::corrupt("task", e))?;
@@ -71,8 +92,13 @@ impl Queue {
         Ok(id.is_some())
     }
 
-    /// Records a final failure, appends to `pf:dead`, acknowledges the entry.
-    pub(super) async fn dead_letter(&self, worker: &str, task: &Task, error: &str) -> Result<Recorded> {
+    /// Records a final failure with its `pf:dead` entry, acknowledges the entry.
+    pub(super) async fn dead_letter(
+        &self,
+        worker: &str,
+        task: &Task,
+        error: &str,
+    ) -> Result<Recorded> {
         let result = TaskResult::failed(task, error.to_string(), worker);
         let ev = EventKind::ItemFailed {
             index: task.spec.index,
@@ -81,30 +107,9 @@ impl Queue {
             will_retry: false,
             worker: worker.to_string(),
         };
+        // The dead letter is appended by the record script itself (one step: never a failure
+        // recorded without its dead letter, nor a dead letter twice).
         let r = self.record(task, &result, &ev, "fail", error).await?;
-        if r != Recorded::Duplicate && r != Recorded::Canceled {
-            let json =
-                serde_json::to_string(&task.spec).map_err(|e| CoreError::corrupt("task", e))?;
-            let mut c = self.conn.clone();
-            let _: String = redis::cmd("XADD")
-                .arg(DEAD_KEY)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.config.dead_maxlen)
-                .arg("*")
-                .arg("job")
-                .arg(task.spec.job.as_str())
-                .arg("index")
-                .arg(task.spec.index)
-                .arg("error")
-                .arg(error)
-                .arg("attempts")
-                .arg(task.attempt)
-                .arg("t")
-                .arg(json)
-                .query_async(&mut c)
-                .await?;
-        }
         self.ack(std::slice::from_ref(task)).await?;
         Ok(r)
     }

@@ -72,6 +72,9 @@ pub const GROUP: &str = "workers";
 pub const DEAD_KEY: &str = "pf:dead";
 const WORKERS_KEY: &str = "pf:workers";
 const JOBS_KEY: &str = "pf:jobs";
+/// Jobs whose manifest is due (terminal, or changed after it was written): sorted set, score =
+/// when it was marked (ms). A manifest written after the mark removes it.
+pub const MANIFEST_DUE_KEY: &str = "pf:manifest:due";
 
 fn job_key(job: &JobId) -> String {
     format!("pf:job:{{{job}}}")
@@ -295,7 +298,7 @@ fn event_json(kind: &EventKind) -> Result<String> {
     serde_json::to_string(kind).map_err(|e| CoreError::corrupt("event", e))
 }
 
-fn parse_job(job: &JobId, h: &HashMap<String, String>) -> Result<JobRecord> {
+fn parse_job(job: &JobId, h: &HashMap<String, String>, manifest_due: bool) -> Result<JobRecord> {
     let get = |k: &str| h.get(k).map(String::as_str).unwrap_or("");
     let num = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok());
     let opt = |k: &str| h.get(k).filter(|v| !v.is_empty()).cloned();
@@ -328,6 +331,7 @@ fn parse_job(job: &JobId, h: &HashMap<String, String>) -> Result<JobRecord> {
         finished_ms: num("finished_ms"),
         last_error: opt("last_error"),
         manifest_key: opt("manifest_key"),
+        manifest_pending: manifest_due && state.is_terminal(),
     })
 }
 

@@ -38,19 +38,41 @@ impl Queue {
     ) -> Result<Vec<Task>> {
         let max_batch = max_batch.max(1);
         let mut tasks = Vec::new();
+        // Once an entry has been delivered to this worker (read or claimed), a Redis error in a
+        // later step must not lose the delivery: the tasks read so far are returned, and the
+        // follow-up steps (refill, the cancel check, marking jobs started) are best effort.
+        // Otherwise a Redis blip would leave delivered entries to expire and cost each task an
+        // attempt.
         if self.reclaim_due() {
-            tasks.extend(self.reclaim(worker, lanes, max_batch).await?);
+            match self.reclaim(worker, lanes, max_batch).await {
+                Ok(t) => tasks.extend(t),
+                Err(e) => {
+                    warn!(error = %e, "reclaiming expired leases failed; trying again next pull")
+                }
+            }
         }
-        self.refill(lanes).await?;
+        if let Err(e) = self.refill(lanes).await {
+            if tasks.is_empty() {
+                return Err(e);
+            }
+            warn!(error = %e, "refill failed");
+        }
         let mut c = self.conn.clone();
         for lane in lanes {
             if tasks.len() >= max_batch {
                 break;
             }
-            let reply = self
+            match self
                 .read_group(&mut c, worker, &[*lane], max_batch - tasks.len(), None)
-                .await?;
-            tasks.extend(reply);
+                .await
+            {
+                Ok(reply) => tasks.extend(reply),
+                Err(e) if tasks.is_empty() => return Err(e),
+                Err(e) => {
+                    warn!(error = %e, "reading more tasks failed; going on with those read");
+                    break;
+                }
+            }
         }
         if tasks.is_empty() && !block.is_zero() {
             let mut guard = self.blocking.lock().await;
@@ -75,17 +97,24 @@ impl Queue {
                     .unwrap_or(usize::MAX)
             });
             if tasks.len() > max_batch {
-                // Put the surplus back at once by re-enqueueing it (keeps the batch bounded).
+                // Put the surplus back at once by re-enqueueing it (keeps the batch bounded). A
+                // surplus entry whose requeue fails stays in the batch rather than expiring.
                 let surplus = tasks.split_off(max_batch);
                 for t in surplus {
-                    self.requeue(worker, &t, t.spec.prior_attempts).await?;
+                    match self.requeue(worker, &t, t.spec.prior_attempts).await {
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(error = %e, "returning a surplus task failed; keeping it");
+                            tasks.push(t);
+                        }
+                    }
                 }
             }
         }
         if tasks.is_empty() {
             return Ok(tasks);
         }
-        self.drop_cancelled(worker, tasks).await
+        Ok(self.drop_finished(worker, tasks).await)
     }
 
     /// Reads new entries from `lanes` for `worker`; recreates groups lost with a Redis restart.
@@ -209,8 +238,12 @@ impl Queue {
         Ok(out)
     }
 
-    /// Drops (acks) tasks of cancelled or deleted jobs and marks the jobs of the rest `RUNNING`.
-    async fn drop_cancelled(&self, worker: &str, tasks: Vec<Task>) -> Result<Vec<Task>> {
+    /// Drops (acks) tasks that need no render: those of cancelled or deleted jobs, and those
+    /// whose image is already recorded (a redelivery after a lost acknowledgement, or a lease race
+    /// the other worker won), so a stored image is never rendered and written again. Marks the jobs
+    /// of the rest `RUNNING`. Best effort: on a Redis error the tasks are kept (the worker checks
+    /// cancel again before rendering, and a duplicate result is never recorded).
+    async fn drop_finished(&self, worker: &str, tasks: Vec<Task>) -> Vec<Task> {
         let jobs: Vec<JobId> = {
             let mut seen = HashSet::new();
             tasks
@@ -219,20 +252,43 @@ impl Queue {
                 .map(|t| t.spec.job.clone())
                 .collect()
         };
-        let cancelled = self.is_cancelled(&jobs).await?;
-        let (keep, drop): (Vec<Task>, Vec<Task>) = tasks
+        let cancelled = match self.is_cancelled(&jobs).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cancel check after pull failed; keeping the tasks");
+                return tasks;
+            }
+        };
+        let recorded = match self.recorded(&tasks).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "result check after pull failed; keeping the tasks");
+                vec![false; tasks.len()]
+            }
+        };
+        let (keep, drop): (Vec<(Task, bool)>, Vec<(Task, bool)>) = tasks
             .into_iter()
-            .partition(|t| !cancelled.contains(&t.spec.job));
+            .zip(recorded)
+            .partition(|(t, rec)| !cancelled.contains(&t.spec.job) && !rec);
+        let keep: Vec<Task> = keep.into_iter().map(|(t, _)| t).collect();
         if !drop.is_empty() {
-            debug!(n = drop.len(), "dropping tasks of cancelled jobs");
-            self.ack(&drop).await?;
+            let drop: Vec<Task> = drop.into_iter().map(|(t, _)| t).collect();
+            debug!(
+                n = drop.len(),
+                "dropping tasks of cancelled jobs and recorded images"
+            );
+            if let Err(e) = self.ack(&drop).await {
+                warn!(error = %e, "acknowledging dropped tasks failed; they come back after their lease");
+            }
         }
         let live: Vec<&JobId> = jobs.iter().filter(|j| !cancelled.contains(*j)).collect();
-        let ev = event_json(&EventKind::Started {
+        let Ok(ev) = event_json(&EventKind::Started {
             worker: worker.to_string(),
-        })?;
+        }) else {
+            return keep;
+        };
         let now = now_ms();
-        try_join_all(live.into_iter().map(|j| {
+        let marked = try_join_all(live.into_iter().map(|j| {
             let mut c = self.conn.clone();
             let ev = ev.clone();
             async move {
@@ -249,8 +305,24 @@ impl Queue {
                 Ok::<_, CoreError>(())
             }
         }))
-        .await?;
-        Ok(keep)
+        .await;
+        if let Err(e) = marked {
+            warn!(error = %e, "marking jobs started failed (the first result marks them)");
+        }
+        keep
+    }
+
+    /// Whether each task's image is already recorded (one pipelined round trip).
+    pub async fn recorded(&self, tasks: &[Task]) -> Result<Vec<bool>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for t in tasks {
+            pipe.hexists(results_key(&t.spec.job), t.spec.index);
+        }
+        Ok(pipe.query_async(&mut c).await?)
     }
 
     /// Owner-checked lease extension: resets the lease clock of each task this worker still owns.

@@ -7,11 +7,15 @@ impl Queue {
     /// The job record; `NotFound` for unknown ids.
     pub async fn get_job(&self, job: &JobId) -> Result<JobRecord> {
         let mut c = self.conn.clone();
-        let h: HashMap<String, String> = c.hgetall(job_key(job)).await?;
+        let (h, due): (HashMap<String, String>, Option<f64>) = redis::pipe()
+            .hgetall(job_key(job))
+            .zscore(MANIFEST_DUE_KEY, job.as_str())
+            .query_async(&mut c)
+            .await?;
         if h.is_empty() {
             return Err(CoreError::not_found("job", job.as_str()));
         }
-        parse_job(job, &h)
+        parse_job(job, &h, due.is_some())
     }
 
     /// Jobs, newest first, filtered; `page.token` continues a previous listing.
@@ -45,19 +49,31 @@ impl Queue {
             let exhausted = ids.len() < scan;
             let mut pipe = redis::pipe();
             for id in &ids {
-                pipe.hgetall(job_key(&JobId(id.clone())));
+                pipe.hgetall(job_key(&JobId(id.clone())))
+                    .zscore(MANIFEST_DUE_KEY, id);
             }
-            let hashes: Vec<HashMap<String, String>> = if ids.is_empty() {
+            let flat: Vec<Value> = if ids.is_empty() {
                 Vec::new()
             } else {
                 pipe.query_async(&mut c).await?
             };
-            for (id, h) in ids.iter().zip(hashes) {
+            let mut rows = Vec::with_capacity(ids.len());
+            for pair in flat.chunks(2) {
+                let h: HashMap<String, String> = redis::from_redis_value_ref(&pair[0])
+                    .map_err(|e| CoreError::corrupt("job record", e))?;
+                let due: Option<f64> = match pair.get(1) {
+                    Some(v) => redis::from_redis_value_ref(v)
+                        .map_err(|e| CoreError::corrupt("manifest marker", e))?,
+                    None => None,
+                };
+                rows.push((h, due));
+            }
+            for (id, (h, due)) in ids.iter().zip(rows) {
                 start = format!("({id}");
                 if h.is_empty() {
                     continue;
                 }
-                let rec = parse_job(&JobId(id.clone()), &h)?;
+                let rec = parse_job(&JobId(id.clone()), &h, due.is_some())?;
                 let state_ok = filter.states.is_empty() || filter.states.contains(&rec.state);
                 let labels_ok = filter
                     .labels

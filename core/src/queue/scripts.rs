@@ -30,8 +30,9 @@ pub(crate) struct Scripts {
     pub ack: Script,
     pub requeue: Script,
     pub submit: Script,
-    pub append: Script,
     pub refill: Script,
+    pub manifest_done: Script,
+    pub stage: Script,
 }
 
 impl Scripts {
@@ -46,8 +47,9 @@ impl Scripts {
             ack: with_lib(include_str!("ack.lua")),
             requeue: Script::new(include_str!("requeue.lua")),
             submit: with_lib(include_str!("submit.lua")),
-            append: with_lib(include_str!("append.lua")),
             refill: with_lib(include_str!("refill.lua")),
+            manifest_done: Script::new(include_str!("manifest_done.lua")),
+            stage: Script::new(include_str!("stage.lua")),
         }
     }
 }

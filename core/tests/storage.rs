@@ -144,3 +144,33 @@ async fn file_store_roundtrip_and_escapes() -> Result<()> {
     assert!(!st.exists("a/b/000000.png").await?);
     Ok(())
 }
+
+/// The first stored copy of an image is never replaced (S3 `If-None-Match: *`, a hard link on a
+/// file store): a second render of the same task finds it and records its bytes instead.
+#[tokio::test]
+async fn put_new_keeps_the_first_copy_on_s3_and_files() -> Result<()> {
+    let s3 = S3Server::from_env_or_start().await?;
+    let dir = tempfile::tempdir()?;
+    let stores = [
+        Storage::open_with(&format!("s3://{}/p", bucket("pn")), s3.storage_options()).await?,
+        Storage::open(&format!("file://{}", dir.path().display())).await?,
+    ];
+    for st in stores {
+        let first = Bytes::from_static(b"first render");
+        let second = Bytes::from_static(b"second render, other bytes");
+        assert_eq!(
+            st.put_new("j/000000.png", first.clone(), "image/png").await?,
+            pixfarm_core::PutNew::Created,
+            "{}",
+            st.describe()
+        );
+        assert_eq!(
+            st.put_new("j/000000.png", second, "image/png").await?,
+            pixfarm_core::PutNew::Exists,
+            "{}",
+            st.describe()
+        );
+        assert_eq!(st.get("j/000000.png").await?, first, "{}", st.describe());
+    }
+    Ok(())
+}

@@ -862,3 +862,52 @@ async fn watch_streams_only_the_callers_jobs() -> Result<()> {
     h.stop().await;
     Ok(())
 }
+
+/// Hole 9, the confused deputy: a control image must be one its tenant may read. Tenant B naming
+/// tenant A's render (or another bucket, or a path that climbs out) is refused with
+/// PERMISSION_DENIED naming the field, and nothing is queued; its own results pass this check.
+#[tokio::test]
+async fn control_images_outside_the_tenants_prefixes_are_refused() -> Result<()> {
+    let h = Harness::start(None).await?;
+    let mut b = h.client(Some(B_SUBMIT)).await?;
+    let a_root = h.storage.tenant_root("team-a").expect("an S3 store");
+    let b_root = h.storage.tenant_root("team-b").expect("an S3 store");
+    let bucket = a_root
+        .trim_start_matches("s3://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let with_control = |uri: String| {
+        let mut r = request("", 2);
+        r.items[1].control = Some(pb::Control {
+            source: Some(pb::control::Source::Uri(uri)),
+            kind: "edge".into(),
+            ..Default::default()
+        });
+        r
+    };
+    for bad in [
+        format!("{a_root}runs/job/000000.png"),
+        format!("s3://other-{bucket}/team-b/x.png"),
+        format!("{b_root}../team-a/x.png"),
+        format!("{b_root}%2e%2e/team-a/x.png"),
+        format!("{b_root}a//x.png"),
+    ] {
+        let e = b.submit_job(with_control(bad.clone())).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{bad}: {}", e.message());
+        assert_eq!(violations(&e), ["items[1].control.uri"], "{bad}");
+        assert!(e.message().contains("items[1].control.uri"), "{}", e.message());
+    }
+    assert_eq!(h.footprint().await?, (0, 0));
+    // The tenant's own results pass the confinement check (this farm then refuses the job for
+    // another reason: no worker serves the control lane).
+    let own = b
+        .submit_job(with_control(format!("{b_root}runs/job/000000.png")))
+        .await;
+    if let Err(e) = own {
+        assert_ne!(e.code(), Code::PermissionDenied, "{}", e.message());
+    }
+    h.stop().await;
+    Ok(())
+}

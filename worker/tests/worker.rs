@@ -274,3 +274,66 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Hole 6: a render that runs past its watchdog deadline (here: a deadline of one base lease,
+/// shorter than the render) fails its tasks for a retry elsewhere and stops the worker with a
+/// clear error, instead of heartbeating the tasks forever; a second worker then renders them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_gives_back_an_overrunning_render() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let out = tempfile::tempdir()?;
+    let qc = QueueConfig {
+        lease: LeasePolicy {
+            base_ms: 100,
+            per_step_megapixel_ms: 0,
+        },
+        max_attempts: 3,
+        ..QueueConfig::default()
+    };
+    let q = Queue::connect(&redis.url(), qc).await?;
+    let spec = JobSpec::new(
+        (0..4)
+            .map(|i| ItemSpec::new(format!("slow {i}"), 512, 512).with_seed(i))
+            .collect(),
+    );
+    let job = q.submit(spec).await?.job;
+
+    let hung = WorkerConfig {
+        lease_base_ms: 100,
+        heartbeat_ms: 40,
+        watchdog_factor: 1.0,
+        ..config(&redis, out.path(), "w-watchdog")
+    };
+    let r = tokio::time::timeout(Duration::from_secs(120), run(hung, std::future::pending()))
+        .await
+        .expect("the watchdog stops the worker");
+    let err = r.expect_err("the worker reports the watchdog");
+    assert!(
+        matches!(err, pixfarm_worker::WorkerError::EngineHung),
+        "{err}"
+    );
+    let rec = q.get_job(&job).await?;
+    assert!(!rec.state.is_terminal(), "{rec:?}");
+    assert!(
+        rec.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("watchdog")),
+        "{rec:?}"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let healthy = WorkerConfig {
+        lease_base_ms: 100,
+        heartbeat_ms: 40,
+        watchdog_factor: 0.0,
+        ..config(&redis, out.path(), "w-healthy")
+    };
+    let worker = tokio::spawn(run(healthy, async {
+        let _ = stop_rx.await;
+    }));
+    let rec = wait_done(&q, &job, Duration::from_secs(180)).await?;
+    assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
+    let _ = stop_tx.send(());
+    worker.await??;
+    Ok(())
+}

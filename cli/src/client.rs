@@ -388,8 +388,15 @@ pub async fn wait(client: &mut Client, job_id: &str, quiet: bool) -> anyhow::Res
             }
         }
     }
-    let job = get_job(client, job_id).await?;
+    let mut job = get_job(client, job_id).await?;
     bar.set_position(job.done + job.failed + job.canceled);
+    // The manifest follows the last image within moments (or a sweep writes it within seconds).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while job.manifest_pending && tokio::time::Instant::now() < deadline {
+        bar.set_message("writing the manifest");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        job = get_job(client, job_id).await?;
+    }
     bar.finish_and_clear();
     Ok(job)
 }

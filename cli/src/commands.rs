@@ -477,7 +477,9 @@ fn print_job(j: &pb::Job) {
             println!("labels    {}", l.join(", "));
         }
     }
-    if !j.manifest_key.is_empty() {
+    if j.manifest_pending {
+        println!("manifest  being written");
+    } else if !j.manifest_key.is_empty() {
         println!("manifest  {}", j.manifest_key);
     }
     if !j.last_error.is_empty() {
@@ -496,7 +498,7 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
         "id": j.id, "state": state_name(j.state), "task_count": j.task_count, "done": j.done,
         "failed": j.failed, "canceled": j.canceled, "pending": j.pending,
         "created_unix_ms": j.created_unix_ms, "started_unix_ms": j.started_unix_ms,
-        "finished_unix_ms": j.finished_unix_ms, "manifest_key": j.manifest_key, "last_error": j.last_error,
+        "finished_unix_ms": j.finished_unix_ms, "manifest_key": j.manifest_key, "manifest_pending": j.manifest_pending, "last_error": j.last_error,
         "failures": j.failures.iter().map(|f| serde_json::json!({"index": f.index, "error": f.error, "attempts": f.attempts})).collect::<Vec<_>>(),
         "labels": j.spec.as_ref().map(|s| s.labels.clone()).unwrap_or_default(),
     })

@@ -897,7 +897,11 @@ async fn control_images_outside_the_tenants_prefixes_are_refused() -> Result<()>
         let e = b.submit_job(with_control(bad.clone())).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{bad}: {}", e.message());
         assert_eq!(violations(&e), ["items[1].control.uri"], "{bad}");
-        assert!(e.message().contains("items[1].control.uri"), "{}", e.message());
+        assert!(
+            e.message().contains("items[1].control.uri"),
+            "{}",
+            e.message()
+        );
     }
     assert_eq!(h.footprint().await?, (0, 0));
     // The tenant's own results pass the confinement check (this farm then refuses the job for

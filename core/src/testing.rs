@@ -60,8 +60,19 @@ fn kill(child: &mut Option<Child>) {
 /// Options of a [`RedisServer`].
 #[derive(Debug, Clone, Default)]
 pub struct RedisOptions {
-    /// Append-only file on (`appendfsync always`), so a restart keeps every acknowledged write.
+    /// Append-only file on (`appendfsync always`, unless started with
+    /// [`RedisServer::start_with_fsync`]), so a restart keeps every acknowledged write.
     pub aof: bool,
+}
+
+/// When an AOF server fsyncs its append-only file (`appendfsync`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AppendFsync {
+    /// After every write: a restart keeps every acknowledged write.
+    #[default]
+    Always,
+    /// Once a second (the production default): a machine crash may lose the last second.
+    EverySec,
 }
 
 /// A `redis-server` child process.
@@ -69,6 +80,7 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     options: RedisOptions,
+    fsync: AppendFsync,
     child: Option<Child>,
 }
 
@@ -79,12 +91,18 @@ impl RedisServer {
     }
 
     pub async fn start_with(options: RedisOptions) -> io::Result<Self> {
+        Self::start_with_fsync(options, AppendFsync::Always).await
+    }
+
+    /// Like [`start_with`](Self::start_with), with the AOF's fsync policy (when `options.aof`).
+    pub async fn start_with_fsync(options: RedisOptions, fsync: AppendFsync) -> io::Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let mut s = Self {
             port,
             dir,
             options,
+            fsync,
             child: None,
         };
         s.spawn().await?;
@@ -117,7 +135,13 @@ impl RedisServer {
             cmd.arg("--appendonly")
                 .arg("yes")
                 .arg("--appendfsync")
-                .arg("always");
+                .arg(match self.fsync {
+                    AppendFsync::Always => "always",
+                    AppendFsync::EverySec => "everysec",
+                })
+                // No background rewrite: `crash_losing_last` copies the AOF files as they are.
+                .arg("--auto-aof-rewrite-percentage")
+                .arg("0");
         } else {
             cmd.arg("--appendonly").arg("no");
         }
@@ -158,11 +182,36 @@ impl RedisServer {
         Ok(())
     }
 
+    /// A machine crash of an AOF server: the writes of the last `window` are lost, as with
+    /// `appendfsync everysec` when the host (not just the process) dies. The AOF directory is
+    /// copied, the server runs on for `window`, then it is killed, the copy put back, and it starts
+    /// again from the copy (a command cut off mid-copy is dropped: `aof-load-truncated`).
+    pub async fn crash_losing_last(&mut self, window: Duration) -> io::Result<()> {
+        let aof = self.dir.path().join("appendonlydir");
+        let saved = self.dir.path().join("appendonlydir.saved");
+        let _ = std::fs::remove_dir_all(&saved);
+        copy_dir(&aof, &saved)?;
+        tokio::time::sleep(window).await;
+        self.stop();
+        std::fs::remove_dir_all(&aof)?;
+        std::fs::rename(&saved, &aof)?;
+        self.start_again().await
+    }
+
     /// Kill, then start again.
     pub async fn restart(&mut self) -> io::Result<()> {
         self.stop();
         self.start_again().await
     }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        std::fs::copy(e.path(), to.join(e.file_name()))?;
+    }
+    Ok(())
 }
 
 impl Drop for RedisServer {

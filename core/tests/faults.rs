@@ -38,7 +38,8 @@ fn job(n: usize) -> JobSpec {
 }
 
 async fn pull(q: &Queue, worker: &str) -> Result<Vec<pixfarm_core::Task>> {
-    Ok(q.pull(worker, &base(), 64, Duration::from_millis(20)).await?)
+    Ok(q.pull(worker, &base(), 64, Duration::from_millis(20))
+        .await?)
 }
 
 async fn store() -> Result<(tempfile::TempDir, Storage)> {
@@ -57,13 +58,19 @@ async fn a_job_ended_by_reclaim_still_gets_its_manifest() -> Result<()> {
     let id = q.submit(job(1)).await?.job;
     assert_eq!(pull(&q, "a").await?.len(), 1);
     tokio::time::sleep(Duration::from_millis(LEASE_MS + 100)).await;
-    assert!(pull(&q, "b").await?.is_empty(), "dead-lettered, not handed out");
+    assert!(
+        pull(&q, "b").await?.is_empty(),
+        "dead-lettered, not handed out"
+    );
     let rec = q.get_job(&id).await?;
     assert_eq!(rec.state, JobState::Failed);
     assert!(rec.manifest_pending, "the manifest is due");
     assert!(rec.manifest_key.is_none());
     // A young marker is left to its finisher; an old one is swept.
-    assert_eq!(q.sweep_manifests(&st, Duration::from_secs(60), 10).await?, 0);
+    assert_eq!(
+        q.sweep_manifests(&st, Duration::from_secs(60), 10).await?,
+        0
+    );
     assert_eq!(q.sweep_manifests(&st, Duration::ZERO, 10).await?, 1);
     let rec = q.get_job(&id).await?;
     assert!(!rec.manifest_pending);
@@ -116,7 +123,11 @@ async fn counters_come_back_when_redis_forgot_a_delivery() -> Result<()> {
         .await?;
     q.complete(&first[0], &ok_result(&first[0], "a")).await?;
     let usage = q.tenant_usage("default").await?;
-    assert_eq!((usage.queued, usage.in_flight), (1, 1), "released, refilled");
+    assert_eq!(
+        (usage.queued, usage.in_flight),
+        (1, 1),
+        "released, refilled"
+    );
     let second = pull(&q, "a").await?;
     assert_eq!(second.len(), 1, "the tenant is not blocked");
     q.complete(&second[0], &ok_result(&second[0], "a")).await?;
@@ -196,8 +207,9 @@ async fn a_late_success_replaces_a_dead_lettered_failure() -> Result<()> {
     Ok(())
 }
 
-/// Hole 5: a redelivered task whose image is already recorded (its acknowledgement was lost) is
-/// dropped at pull instead of being rendered and stored again.
+/// Hole 5: a worker recorded an image and died before acknowledging it; the entry's lease runs
+/// out and the next pull would hand it out again. It is dropped there instead of being rendered
+/// and stored a second time.
 #[tokio::test]
 async fn recorded_images_are_not_handed_out_again() -> Result<()> {
     let redis = RedisServer::start().await?;
@@ -205,27 +217,24 @@ async fn recorded_images_are_not_handed_out_again() -> Result<()> {
     q.submit(job(2)).await?;
     let tasks = pull(&q, "a").await?;
     assert_eq!(tasks.len(), 2);
-    q.complete(&tasks[0], &ok_result(&tasks[0], "a")).await?;
-    // The entry comes back as if the acknowledgement had been lost.
+    q.complete(&tasks[1], &ok_result(&tasks[1], "a")).await?;
+    // Recorded, but the acknowledgement never happened (it names an entry that is not there).
+    let mut ghost = tasks[0].clone();
+    ghost.entry_id = "0-1".into();
+    q.complete(&ghost, &ok_result(&tasks[0], "a")).await?;
+    tokio::time::sleep(Duration::from_millis(LEASE_MS + 100)).await;
+    assert!(
+        pull(&q, "b").await?.is_empty(),
+        "recorded: not rendered again"
+    );
     let mut c = q.connection();
-    let lane = tasks[0].lane;
-    let _: String = redis::cmd("XADD")
-        .arg(lane.key())
-        .arg("*")
-        .arg("t")
-        .arg(serde_json::to_string(&tasks[0].spec)?)
-        .arg("l")
-        .arg(LEASE_MS)
-        .arg("n")
-        .arg("default")
-        .query_async(&mut c)
-        .await?;
-    assert!(pull(&q, "b").await?.is_empty(), "recorded: not rendered again");
     let len: u64 = redis::cmd("XLEN")
-        .arg(lane.key())
+        .arg(tasks[0].lane.key())
         .query_async(&mut c)
         .await?;
-    assert_eq!(len, 1, "the stale entry is acknowledged and deleted; task 1 remains");
+    assert_eq!(len, 0, "the stale entry is acknowledged and deleted");
+    let usage = q.tenant_usage("default").await?;
+    assert_eq!((usage.queued, usage.in_flight), (0, 0));
     Ok(())
 }
 
@@ -262,7 +271,10 @@ async fn dead_letters_are_written_once_and_stale_failures_ignored() -> Result<()
     q.fail("a", &t[0], "bad prompt", false).await?;
     let dead = q.dead_letters(10).await?;
     assert_eq!(dead.len(), 1);
-    assert_eq!((dead[0].job.clone(), dead[0].index), (id.clone(), t[0].spec.index));
+    assert_eq!(
+        (dead[0].job.clone(), dead[0].index),
+        (id.clone(), t[0].spec.index)
+    );
     q.complete(&t[1], &ok_result(&t[1], "a")).await?;
 
     let q3 = Queue::connect(&redis.url(), config(3)).await?;

@@ -159,7 +159,8 @@ async fn put_new_keeps_the_first_copy_on_s3_and_files() -> Result<()> {
         let first = Bytes::from_static(b"first render");
         let second = Bytes::from_static(b"second render, other bytes");
         assert_eq!(
-            st.put_new("j/000000.png", first.clone(), "image/png").await?,
+            st.put_new("j/000000.png", first.clone(), "image/png")
+                .await?,
             pixfarm_core::PutNew::Created,
             "{}",
             st.describe()

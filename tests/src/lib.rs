@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use pixfarm_coordinator::{FarmService, serve_with};
-use pixfarm_core::testing::{RedisOptions, RedisServer, S3Server};
+use pixfarm_core::testing::{AppendFsync, RedisOptions, RedisServer, S3Server};
 use pixfarm_core::{Lane, LeasePolicy, Queue, QueueConfig, Storage};
 use pixfarm_proto::v1 as pb;
 use pixfarm_proto::v1::farm_client::FarmClient;
@@ -83,6 +83,8 @@ pub struct FarmOptions {
     pub own_s3: bool,
     /// Redis with an append-only file (tests that restart Redis).
     pub redis_aof: bool,
+    /// With `redis_aof`: fsync once a second (`appendfsync everysec`) instead of after every write.
+    pub redis_fsync_everysec: bool,
     /// Base lease in ms (coordinator and workers).
     pub lease_base_ms: u64,
     pub max_attempts: u32,
@@ -101,6 +103,7 @@ impl Default for FarmOptions {
         Self {
             own_s3: false,
             redis_aof: false,
+            redis_fsync_everysec: false,
             lease_base_ms: 30_000,
             max_attempts: 3,
             max_batch: 8,
@@ -178,9 +181,17 @@ impl Farm {
                 worker_bin().display()
             );
         }
-        let redis = RedisServer::start_with(RedisOptions {
-            aof: options.redis_aof,
-        })
+        let fsync = if options.redis_fsync_everysec {
+            AppendFsync::EverySec
+        } else {
+            AppendFsync::Always
+        };
+        let redis = RedisServer::start_with_fsync(
+            RedisOptions {
+                aof: options.redis_aof,
+            },
+            fsync,
+        )
         .await
         .context("start redis-server")?;
         let s3 = if options.own_s3 {

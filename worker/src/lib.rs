@@ -353,7 +353,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration) {
         if let Err(e) = shared.queue.heartbeat_worker(&info).await {
             warn!(error = %e, "registry heartbeat failed");
         }
-        if beat % sweep_every == 0 && !shared.storage_down.load(Ordering::SeqCst) {
+        if beat.is_multiple_of(sweep_every) && !shared.storage_down.load(Ordering::SeqCst) {
             match shared
                 .queue
                 .sweep_manifests(&shared.storage, MANIFEST_GRACE, 16)

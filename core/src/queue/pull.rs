@@ -266,7 +266,8 @@ impl Queue {
                 vec![false; tasks.len()]
             }
         };
-        let (keep, drop): (Vec<(Task, bool)>, Vec<(Task, bool)>) = tasks
+        type Flagged = Vec<(Task, bool)>;
+        let (keep, drop): (Flagged, Flagged) = tasks
             .into_iter()
             .zip(recorded)
             .partition(|(t, rec)| !cancelled.contains(&t.spec.job) && !rec);
@@ -312,17 +313,26 @@ impl Queue {
         keep
     }
 
-    /// Whether each task's image is already recorded (one pipelined round trip).
+    /// Whether each task's image is already recorded (one pipelined round trip). Only tasks
+    /// delivered before (`attempt > 1`: reclaimed or retried) are looked up; a first delivery
+    /// cannot have been recorded, short of Redis losing writes, and then the first stored copy
+    /// and the first record still win (so the common path costs no extra command).
     pub async fn recorded(&self, tasks: &[Task]) -> Result<Vec<bool>> {
-        if tasks.is_empty() {
-            return Ok(Vec::new());
+        let again: Vec<usize> = (0..tasks.len()).filter(|&i| tasks[i].attempt > 1).collect();
+        let mut out = vec![false; tasks.len()];
+        if again.is_empty() {
+            return Ok(out);
         }
         let mut c = self.conn.clone();
         let mut pipe = redis::pipe();
-        for t in tasks {
-            pipe.hexists(results_key(&t.spec.job), t.spec.index);
+        for &i in &again {
+            pipe.hexists(results_key(&tasks[i].spec.job), tasks[i].spec.index);
         }
-        Ok(pipe.query_async(&mut c).await?)
+        let found: Vec<bool> = pipe.query_async(&mut c).await?;
+        for (i, f) in again.into_iter().zip(found) {
+            out[i] = f;
+        }
+        Ok(out)
     }
 
     /// Owner-checked lease extension: resets the lease clock of each task this worker still owns.

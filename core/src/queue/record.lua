@@ -16,27 +16,24 @@ local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return {'missing', ''} end
 if st == 'CANCELED' then return {'canceled', st} end
 local ok_outcome = ARGV[6] == 'ok'
-local prev = redis.call('HGET', KEYS[2], ARGV[1])
-if prev then
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then
+  -- Recorded before: only a success over a recorded failure goes on.
   local was_failed = false
   if ok_outcome then
-    local okp, r = pcall(cjson.decode, prev)
+    local okp, r = pcall(cjson.decode, redis.call('HGET', KEYS[2], ARGV[1]))
     was_failed = okp and type(r) == 'table' and r.status == 'failed'
   end
   if not was_failed then return {'duplicate', st} end
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'failed', -1)
   redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
+elseif ok_outcome then
+  redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
 else
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  if ok_outcome then
-    redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
-  else
-    redis.call('HINCRBY', KEYS[1], 'failed', 1)
-    redis.call('HSET', KEYS[1], 'last_error', ARGV[7])
-    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'job', ARGV[11], 'index', ARGV[1],
-      'error', ARGV[7], 'attempts', ARGV[9], 't', ARGV[10])
-  end
+  redis.call('HINCRBY', KEYS[1], 'failed', 1)
+  redis.call('HSET', KEYS[1], 'last_error', ARGV[7])
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'job', ARGV[11], 'index', ARGV[1],
+    'error', ARGV[7], 'attempts', ARGV[9], 't', ARGV[10])
 end
 local now = ARGV[3]
 if st == 'QUEUED' then

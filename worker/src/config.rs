@@ -436,6 +436,35 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watchdog_deadline_scales_the_batchs_lease_budget() {
+        let c = WorkerConfig {
+            lease_base_ms: 10_000,
+            watchdog_factor: 3.0,
+            ..WorkerConfig::default()
+        };
+        // Base once, plus each task's share above the base: 10000 + 5000 + 15000, times 3.
+        assert_eq!(
+            c.watchdog_deadline(&[15_000, 25_000]),
+            Some(Duration::from_millis(90_000))
+        );
+        let off = WorkerConfig {
+            watchdog_factor: 0.0,
+            ..c.clone()
+        };
+        assert_eq!(off.watchdog_deadline(&[15_000]), None);
+        let bad = WorkerConfig {
+            watchdog_factor: 0.5,
+            ..c
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("PIXFARM_WATCHDOG_FACTOR")
+        );
+    }
     use clap::Parser;
     use pixfarm_core::Priority;
 

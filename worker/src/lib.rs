@@ -1022,3 +1022,60 @@ fn unique_jobs(tasks: &[Task]) -> Vec<JobId> {
         .map(|t| t.spec.job.clone())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pixfarm_core::{JobId, Lane, Priority, TaskSpec, Variant};
+
+    fn task(index: u64) -> Task {
+        let job = JobId::new();
+        Task {
+            spec: TaskSpec {
+                job: job.clone(),
+                tenant: "default".into(),
+                index,
+                item: 0,
+                prompt: format!("p{index}"),
+                seed: index,
+                width: 64,
+                height: 64,
+                steps: 1,
+                control: None,
+                output_key: format!("{job}/{index:06}.png"),
+                lease_ms: 1000,
+                prior_attempts: 0,
+                submitted_ms: 0,
+            },
+            lane: Lane::new(Priority::Normal, Variant::Base),
+            entry_id: format!("{index}-0"),
+            attempt: 1,
+        }
+    }
+
+    /// Hole 6: a task held past its watchdog deadline (its upload task died, its render hung)
+    /// leaves the heartbeat, so its lease runs out; tasks without a deadline (watchdog off) and
+    /// tasks still within theirs stay.
+    #[test]
+    fn tasks_past_their_deadline_leave_the_heartbeat() {
+        let now = Instant::now();
+        let mut held = Held::default();
+        held.tasks.insert(
+            "0-0".into(),
+            (task(0), Some(now - Duration::from_millis(1))),
+        );
+        held.tasks
+            .insert("1-0".into(), (task(1), Some(now + Duration::from_secs(60))));
+        held.tasks.insert("2-0".into(), (task(2), None));
+        let gone: Vec<u64> = held
+            .take_overdue(now)
+            .iter()
+            .map(|t| t.spec.index)
+            .collect();
+        assert_eq!(gone, vec![0]);
+        let mut left: Vec<&String> = held.tasks.keys().collect();
+        left.sort();
+        assert_eq!(left, ["1-0", "2-0"]);
+        assert!(held.take_overdue(now).is_empty());
+    }
+}

@@ -49,7 +49,9 @@ pub fn check_uri(uri: &str, own_root: Option<&str>, allowed: &[String]) -> Resul
     Err(msg)
 }
 
-/// Every control URI of `spec` checked for its tenant; the first refusal names its field.
+/// Every control URI of `spec` checked for its tenant; the first refusal names its field. A URI
+/// that is not an `s3://` URI at all is left to [`crate::validate_job`], which reports it as
+/// invalid with every other problem of the job.
 pub fn check_job(spec: &JobSpec, own_root: Option<&str>, quotas: &TenantQuotas) -> Result<()> {
     let allowed = quotas
         .for_tenant(&spec.tenant)
@@ -57,6 +59,9 @@ pub fn check_job(spec: &JobSpec, own_root: Option<&str>, quotas: &TenantQuotas) 
         .unwrap_or_default();
     for (i, item) in spec.items.iter().enumerate() {
         if let Some(ControlSource::Uri(uri)) = item.control.as_ref().map(|c| &c.source) {
+            if parse_s3_uri(uri).is_err() {
+                continue;
+            }
             check_uri(uri, own_root, &allowed).map_err(|message| CoreError::PermissionDenied {
                 field: format!("items[{i}].control.uri"),
                 message,

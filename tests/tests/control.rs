@@ -96,9 +96,14 @@ async fn controlled_job_renders_and_stores_its_edge_maps() -> Result<()> {
     .await?;
     farm.spawn_worker("w1")?;
 
-    // A control image in the bucket, referenced by URI (any size: the worker fits it).
+    // A control image in the bucket, referenced by URI (any size: the worker fits it). It lies
+    // under the tenant's own prefix: a tenant may only name objects it may read.
     farm.storage
-        .put("inputs/photo.png", png(&photo(96, 80)).into(), "image/png")
+        .put(
+            "default/inputs/photo.png",
+            png(&photo(96, 80)).into(),
+            "image/png",
+        )
         .await?;
     let prompt = "a house on a hill";
     let edges = png(&edge_map(64, 64));
@@ -111,7 +116,7 @@ async fn controlled_job_renders_and_stores_its_edge_maps() -> Result<()> {
             5,
             Some(pb::Control {
                 source: Some(pb::control::Source::Uri(format!(
-                    "s3://{}/inputs/photo.png",
+                    "s3://{}/default/inputs/photo.png",
                     farm.bucket
                 ))),
                 kind: "canny".into(),

@@ -212,7 +212,7 @@ async fn always_failing_task_is_dead_lettered_with_its_error() -> Result<()> {
     // A control image that does not exist: every attempt fails.
     its[2].control = Some(pb::Control {
         source: Some(pb::control::Source::Uri(format!(
-            "s3://{}/missing/edge.png",
+            "s3://{}/default/missing/edge.png",
             farm.bucket
         ))),
         kind: "edge".into(),

@@ -343,18 +343,8 @@ impl FileStore {
                 let path = path.clone();
                 let data = data.clone();
                 async move {
-                    let classify = |e: std::io::Error| match e.kind() {
-                        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidInput => {
-                            OpError::Permanent(e.to_string())
-                        }
-                        _ => OpError::Transient(e.to_string()),
-                    };
-                    if let Some(dir) = path.parent() {
-                        tokio::fs::create_dir_all(dir).await.map_err(classify)?;
-                    }
-                    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
-                    tokio::fs::write(&tmp, &data).await.map_err(classify)?;
-                    tokio::fs::rename(&tmp, &path).await.map_err(classify)
+                    let tmp = write_beside(&path, &data).await?;
+                    tokio::fs::rename(&tmp, &path).await.map_err(classify_io)
                 }
             })
             .await
@@ -367,17 +357,7 @@ impl FileStore {
                 let path = path.clone();
                 let data = data.clone();
                 async move {
-                    let classify = |e: std::io::Error| match e.kind() {
-                        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidInput => {
-                            OpError::Permanent(e.to_string())
-                        }
-                        _ => OpError::Transient(e.to_string()),
-                    };
-                    if let Some(dir) = path.parent() {
-                        tokio::fs::create_dir_all(dir).await.map_err(classify)?;
-                    }
-                    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
-                    tokio::fs::write(&tmp, &data).await.map_err(classify)?;
+                    let tmp = write_beside(&path, &data).await?;
                     // link(2) fails if the name exists: the whole file appears at once, or not.
                     let linked = tokio::fs::hard_link(&tmp, &path).await;
                     let _ = tokio::fs::remove_file(&tmp).await;
@@ -386,7 +366,7 @@ impl FileStore {
                         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                             Ok(PutNew::Exists)
                         }
-                        Err(e) => Err(classify(e)),
+                        Err(e) => Err(classify_io(e)),
                     }
                 }
             })
@@ -676,6 +656,27 @@ impl S3Store {
 
 /// Classifies an SDK error: client mistakes (access denied, bad request) are permanent; dispatch
 /// failures, timeouts, throttling and 5xx are transient.
+/// Permission problems will not go away; anything else on a local disk may.
+fn classify_io(e: std::io::Error) -> OpError {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidInput => {
+            OpError::Permanent(e.to_string())
+        }
+        _ => OpError::Transient(e.to_string()),
+    }
+}
+
+/// Writes `data` to a fresh temporary file beside `path` (creating the folder), so it can be moved
+/// or linked into place whole.
+async fn write_beside(path: &Path, data: &[u8]) -> std::result::Result<PathBuf, OpError> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await.map_err(classify_io)?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+    tokio::fs::write(&tmp, data).await.map_err(classify_io)?;
+    Ok(tmp)
+}
+
 /// S3's answer to `If-None-Match: *` when the object exists (HTTP 412).
 fn precondition_failed<E, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> bool
 where

@@ -55,6 +55,7 @@ pub mod analyse;
 pub mod attributes;
 pub mod caption;
 pub mod checkpoint;
+pub mod conv;
 pub mod dataset;
 pub mod edges;
 pub mod error;

@@ -93,12 +93,15 @@ fn main() -> anyhow::Result<()> {
             let median = secs.get(secs.len() / 2).copied().unwrap_or(f64::NAN);
             let last = run.records.last();
             eprintln!(
-                "vae: steps {}..{} · median {:.3} s/step · last loss {} · recon mse {} · scaling_factor {:.4} · {}",
+                "vae: steps {}..{} · min {:.3} / median {:.3} s/step · last loss {} · recon mse {} · held-out recon mse {:.5} → {:.5} · scaling_factor {:.4} · {}",
                 run.start_step,
                 run.end_step,
+                secs.first().copied().unwrap_or(f64::NAN),
                 median,
                 last.map_or("-".into(), |r| format!("{:.5}", r.loss)),
                 last.map_or("-".into(), |r| format!("{:.5}", r.recon)),
+                run.probe_mse.0,
+                run.probe_mse.1,
                 run.scaling_factor.unwrap_or(f64::NAN),
                 run.vae_dir.map_or("-".into(), |d| d.display().to_string()),
             );

@@ -22,6 +22,7 @@
 //! | [`optim`] | AdamW with saveable moments, global-norm gradient clipping |
 //! | [`checkpoint`] | resumable checkpoints (params, moments, JSON state); stage and config checked on resume |
 //! | [`progress`] | the progress bar: loss and steps/s |
+//! | [`conv`] | a `conv2d` whose backward pass is forward convolutions (candle's CPU `conv_transpose2d` is ≈10× slower) |
 //! | [`vae`] | stage 1: a small SD-architecture AutoencoderKL, trained and exported as a diffusers `vae/` |
 //! | [`varmap`] | checkpoints as `VarMap`s for the transformer's training mode, and frozen snapshots |
 //! | [`error`] | [`Error`]: every variant names the file (and line) or field at fault |

@@ -28,6 +28,28 @@ pub enum Error {
         field: &'static str,
         message: String,
     },
+    /// A checkpoint this run cannot resume from: another stage's, a different run config, or files that
+    /// disagree with each other. `field` is the dotted name of the entry at fault (`stage`, `config.lr`, …).
+    #[error("{}: `{field}` {message}", path.display())]
+    Checkpoint {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    /// The loss became NaN or infinite: training cannot recover from it, so the run stops at once instead of
+    /// writing poisoned weights over the last good checkpoint.
+    #[error(
+        "stage `{stage}`, step {step}: the loss is {value}; lower the learning rate or check the data"
+    )]
+    NonFiniteLoss {
+        stage: String,
+        step: u64,
+        value: f32,
+    },
+    /// A variable in the optimiser that the loss does not reach: the graph is cut somewhere (a custom op
+    /// without a backward pass, a detached copy), so it would silently never train.
+    #[error("variable `{name}` received no gradient: the autograd graph does not reach it")]
+    NoGradient { name: String },
     #[error(transparent)]
     Model(#[from] pixart::Error),
     #[error(transparent)]

@@ -18,6 +18,12 @@
 //! | [`analyse`] | the rule-based image analyser (no learned weights) and the perturbations it is tested under |
 //! | [`metrics`] | prompt accuracy and edge F1 with a pixel tolerance |
 //! | [`lcd`] | Latent Consistency Distillation numerics: noise schedule, DDIM solver, boundary scalings, guidance, Huber loss, EMA |
+//! | [`seed`] | seeded draws as a function of (seed, step, stream): reproducible runs and exact resumes |
+//! | [`optim`] | AdamW with saveable moments, global-norm gradient clipping |
+//! | [`checkpoint`] | resumable checkpoints (params, moments, JSON state); stage and config checked on resume |
+//! | [`progress`] | the progress bar: loss and steps/s |
+//! | [`conv`] | a `conv2d` whose backward pass is forward convolutions (candle's CPU `conv_transpose2d` is ≈10× slower) |
+//! | [`vae`] | stage 1: a small SD-architecture AutoencoderKL, trained and exported as a diffusers `vae/` |
 //! | [`varmap`] | checkpoints as `VarMap`s for the transformer's training mode, and frozen snapshots |
 //! | [`error`] | [`Error`]: every variant names the file (and line) or field at fault |
 //!
@@ -49,12 +55,18 @@
 pub mod analyse;
 pub mod attributes;
 pub mod caption;
+pub mod checkpoint;
+pub mod conv;
 pub mod dataset;
 pub mod edges;
 pub mod error;
 pub mod lcd;
 pub mod metrics;
+pub mod optim;
+pub mod progress;
 pub mod scene;
+pub mod seed;
+pub mod vae;
 pub mod varmap;
 
 pub use error::{Error, Result};

@@ -130,7 +130,7 @@ done
 "$PY" - "$ROOT" "$WORK"/*.keda.json <<'EOF'
 import json, re, sys
 root = sys.argv[1]
-queue = open(f"{root}/core/src/queue.rs").read()
+queue = open(f"{root}/core/src/queue/mod.rs").read()
 model = open(f"{root}/core/src/model.rs").read()
 metrics = open(f"{root}/coordinator/src/metrics.rs").read()
 group = re.search(r'pub const GROUP: &str = "([^"]+)"', queue).group(1)

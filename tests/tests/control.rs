@@ -372,3 +372,51 @@ async fn hed_edge_maps_are_computed_by_a_worker_with_hed_weights() -> Result<()>
     assert_eq!(once.objects, 2);
     farm.shutdown().await
 }
+
+/// Hole 9, the worker's own check: a task naming another tenant's render reaches Redis without
+/// the coordinator (written straight into the queue here), and the worker still refuses to read
+/// it: the task fails for good with the reason, and no copy of the other tenant's image appears
+/// under this tenant's results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_control_images_of_another_tenant() -> Result<()> {
+    use pixfarm_core::{ControlKind, ControlSource, ControlSpec, ItemSpec, JobSpec};
+    let mut farm = Farm::start(FarmOptions {
+        max_attempts: 3,
+        ..Default::default()
+    })
+    .await?;
+    farm.spawn_worker("w1")?;
+    // Tenant B's render, which tenant A must not be able to copy.
+    let secret = png(&photo(64, 64));
+    farm.storage
+        .put("team-b/job/000000.png", secret.into(), "image/png")
+        .await?;
+    let mut spec = JobSpec::new(vec![ItemSpec::new("a house", 64, 64).with_control(
+        ControlSpec {
+            source: ControlSource::Uri(format!("s3://{}/team-b/job/000000.png", farm.bucket)),
+            kind: ControlKind::Edge,
+            scale: 1.0,
+            low_threshold: None,
+            high_threshold: None,
+        },
+    )]);
+    spec.tenant = "team-a".into();
+    let job = farm.queue.submit(spec).await?.job;
+    let j = farm.wait(job.as_str(), LONG).await?;
+    assert_eq!(j.state(), pb::JobState::Failed, "{j:?}");
+    assert_eq!(j.failures.len(), 1);
+    assert_eq!(j.failures[0].attempts, 1, "refused for good, not retried");
+    assert!(
+        j.failures[0]
+            .error
+            .contains("outside what this tenant may read"),
+        "{}",
+        j.failures[0].error
+    );
+    let copied = farm.s3_keys("team-a/").await?;
+    assert!(
+        copied.iter().all(|k| !k.ends_with(".png")),
+        "nothing of team-b's was stored as team-a's: {copied:?}"
+    );
+    farm.shutdown().await
+}

@@ -96,6 +96,9 @@ pub struct FarmOptions {
     pub coordinator_metrics: bool,
     /// Give each worker a `/metrics` port ([`WorkerProcess::metrics_addr`]).
     pub worker_metrics: bool,
+    /// A tenants file (TOML: quotas, `allowed_input_prefixes`) for the coordinator's queue and,
+    /// through `PIXFARM_TENANT_QUOTAS`, for every worker.
+    pub tenants_toml: Option<String>,
 }
 
 impl Default for FarmOptions {
@@ -111,6 +114,7 @@ impl Default for FarmOptions {
             worker_env: Vec::new(),
             coordinator_metrics: false,
             worker_metrics: false,
+            tenants_toml: None,
         }
     }
 }
@@ -163,6 +167,8 @@ pub struct Farm {
     pub logs: tempfile::TempDir,
     /// The coordinator's `/metrics`, when [`FarmOptions::coordinator_metrics`] is set.
     pub coordinator_metrics: Option<pixfarm_coordinator::metrics::MetricsServer>,
+    /// [`FarmOptions::tenants_toml`] written out for the workers.
+    tenants_file: Option<PathBuf>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -220,6 +226,15 @@ impl Farm {
             })
             .await;
         });
+        let logs = tempfile::Builder::new().prefix("pixfarm-e2e-").tempdir()?;
+        let tenants_file = match &options.tenants_toml {
+            Some(t) => {
+                let p = logs.path().join("tenants.toml");
+                std::fs::write(&p, t)?;
+                Some(p)
+            }
+            None => None,
+        };
         Ok(Self {
             redis,
             s3,
@@ -229,8 +244,9 @@ impl Farm {
             addr,
             options,
             workers: Vec::new(),
-            logs: tempfile::Builder::new().prefix("pixfarm-e2e-").tempdir()?,
+            logs,
             coordinator_metrics,
+            tenants_file,
             stop: Some(stop),
             server: Some(server),
         })
@@ -267,6 +283,11 @@ impl Farm {
             )
             .env("PIXFARM_LOG", "info")
             .envs(self.s3.env())
+            .envs(
+                self.tenants_file
+                    .iter()
+                    .map(|p| ("PIXFARM_TENANT_QUOTAS", p.as_os_str())),
+            )
             .envs(o.worker_env.iter().cloned())
             .stdout(out.try_clone()?)
             .stderr(out);
@@ -582,6 +603,14 @@ fn queue_config(o: &FarmOptions) -> QueueConfig {
             per_step_megapixel_ms: 0,
         },
         max_attempts: o.max_attempts,
+        fair: pixfarm_core::FairConfig {
+            quotas: o
+                .tenants_toml
+                .as_deref()
+                .map(|t| pixfarm_core::TenantQuotas::parse(t).expect("a valid tenants file"))
+                .unwrap_or_default(),
+            ..Default::default()
+        },
         ..QueueConfig::default()
     }
 }

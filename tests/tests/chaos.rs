@@ -1,6 +1,7 @@
-//! Chaos suite: worker processes render jobs of two tenants while a driver on a fixed seed injects
-//! faults at random moments: `kill -9` of a random worker (restarted under a new id), a Redis
-//! restart (SIGKILL, append-only file with `appendfsync everysec`), an S3 outage (the in-process
+//! Chaos suite: worker processes render jobs of two tenants (tenant-a under an in-flight quota)
+//! while a driver on a fixed seed injects faults at random moments: `kill -9` of a random worker
+//! (restarted under a new id), a Redis machine crash that loses its last writes (see below), an
+//! S3 outage (the in-process
 //! `s3s-fs` stopped for a while, then served again on the same port and data) and the cancel of
 //! one job mid-run. At the end every job must be terminal with consistent counts, every done image
 //! stored once with the recorded sha256, no failed image stored, the manifest complete, and every
@@ -213,6 +214,12 @@ async fn chaos_faults_leave_every_job_consistent() -> Result<()> {
         max_attempts: 3,
         max_batch: 4,
         heartbeat_ms: 500,
+        // tenant-a runs under an in-flight quota (half of what the workers could hold), so the
+        // counters the quota reads are exercised by every fault too.
+        tenants_toml: Some(format!(
+            "[tenants.tenant-a]\nmax_in_flight_tasks = {}\n",
+            (n_workers * 4 / 2).max(1)
+        )),
         ..Default::default()
     })
     .await?;

@@ -252,6 +252,27 @@ impl Farm {
         })
     }
 
+    /// Entries of every lane that `consumer` holds (delivered, not acknowledged).
+    pub async fn held_by(&self, consumer: &str) -> Result<usize> {
+        let mut c = redis::Client::open(self.redis.url())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let mut n = 0;
+        for lane in Lane::all() {
+            let v: Vec<redis::Value> = redis::cmd("XPENDING")
+                .arg(lane.key())
+                .arg(pixfarm_core::queue::GROUP)
+                .arg("-")
+                .arg("+")
+                .arg(10_000)
+                .arg(consumer)
+                .query_async(&mut c)
+                .await?;
+            n += v.len();
+        }
+        Ok(n)
+    }
+
     pub async fn client(&self) -> Result<FarmClient<Channel>> {
         Ok(FarmClient::connect(format!("http://{}", self.addr))
             .await?

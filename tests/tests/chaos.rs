@@ -26,8 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pixfarm_core::queue::GROUP;
-use pixfarm_core::{EventKind, Lane};
+
+use pixfarm_core::EventKind;
 use pixfarm_e2e::{Farm, FarmOptions, items};
 use pixfarm_proto::v1 as pb;
 use sha2::{Digest, Sha256};
@@ -111,27 +111,6 @@ struct PlannedJob {
     id: Option<String>,
     /// The one job that the driver cancels.
     cancel_target: bool,
-}
-
-/// Tasks delivered to `consumer` and not acknowledged, over every lane.
-async fn held_by(farm: &Farm, consumer: &str) -> Result<usize> {
-    let mut c = redis::Client::open(farm.redis.url())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let mut n = 0;
-    for lane in Lane::all() {
-        let v: Vec<redis::Value> = redis::cmd("XPENDING")
-            .arg(lane.key())
-            .arg(GROUP)
-            .arg("-")
-            .arg("+")
-            .arg(10_000)
-            .arg(consumer)
-            .query_async(&mut c)
-            .await?;
-        n += v.len();
-    }
-    Ok(n)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -378,7 +357,7 @@ async fn chaos_faults_leave_every_job_consistent() -> Result<()> {
                 let holders = loop {
                     let mut h = Vec::new();
                     for &i in &live {
-                        if held_by(&farm, &farm.workers[i].id).await.unwrap_or(0) > 0 {
+                        if farm.held_by(&farm.workers[i].id).await.unwrap_or(0) > 0 {
                             h.push(i);
                         }
                     }
@@ -392,7 +371,7 @@ async fn chaos_faults_leave_every_job_consistent() -> Result<()> {
                 } else {
                     rng.pick(&holders)
                 };
-                let held = held_by(&farm, &farm.workers[victim].id).await.unwrap_or(0);
+                let held = farm.held_by(&farm.workers[victim].id).await.unwrap_or(0);
                 farm.workers[victim].kill9()?;
                 live.retain(|&i| i != victim);
                 let id = format!("w{next_worker}");
@@ -429,7 +408,7 @@ async fn chaos_faults_leave_every_job_consistent() -> Result<()> {
                 tokio::time::sleep(mid).await;
                 if rng.range(0, 1) == 0 {
                     let victim = rng.pick(&live);
-                    let held = held_by(&farm, &farm.workers[victim].id).await.unwrap_or(0);
+                    let held = farm.held_by(&farm.workers[victim].id).await.unwrap_or(0);
                     farm.workers[victim].kill9()?;
                     live.retain(|&i| i != victim);
                     let id = format!("w{next_worker}");

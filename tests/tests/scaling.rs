@@ -12,8 +12,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pixfarm_core::Lane;
-use pixfarm_core::queue::GROUP;
 use pixfarm_e2e::{Farm, FarmOptions, items};
 use pixfarm_proto::v1 as pb;
 
@@ -30,27 +28,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as i64
-}
-
-/// Entries of every lane that `consumer` holds (delivered, not acknowledged).
-async fn held_by(farm: &Farm, consumer: &str) -> Result<usize> {
-    let mut c = redis::Client::open(farm.redis.url())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let mut n = 0;
-    for lane in Lane::all() {
-        let v: Vec<redis::Value> = redis::cmd("XPENDING")
-            .arg(lane.key())
-            .arg(GROUP)
-            .arg("-")
-            .arg("+")
-            .arg(10_000)
-            .arg(consumer)
-            .query_async(&mut c)
-            .await?;
-        n += v.len();
-    }
-    Ok(n)
 }
 
 /// Waits until `pred` holds, polling every 20 ms.
@@ -106,7 +83,7 @@ async fn workers_join_and_drain_mid_job_without_loss_or_duplicates() -> Result<(
     }
     for id in ["s2", "s3", "s4"] {
         until(&format!("{id} pulls"), LONG, &farm, || async {
-            Ok(held_by(&farm, id).await? > 0)
+            Ok(farm.held_by(id).await? > 0)
         })
         .await?;
     }
@@ -118,10 +95,10 @@ async fn workers_join_and_drain_mid_job_without_loss_or_duplicates() -> Result<(
 
     // Phase 3: SIGTERM to s2 and s3 while both hold a batch.
     until("s2 and s3 hold a batch", LONG, &farm, || async {
-        Ok(held_by(&farm, "s2").await? > 0 && held_by(&farm, "s3").await? > 0)
+        Ok(farm.held_by("s2").await? > 0 && farm.held_by("s3").await? > 0)
     })
     .await?;
-    let held_at_term = (held_by(&farm, "s2").await?, held_by(&farm, "s3").await?);
+    let held_at_term = (farm.held_by("s2").await?, farm.held_by("s3").await?);
     let t_term = Instant::now();
     let term_ms = now_ms();
     for i in [1, 2] {
@@ -162,8 +139,8 @@ async fn workers_join_and_drain_mid_job_without_loss_or_duplicates() -> Result<(
         );
     }
     // Drained, not abandoned: nothing is left pending on the two stopped consumers.
-    assert_eq!(held_by(&farm, "s2").await?, 0);
-    assert_eq!(held_by(&farm, "s3").await?, 0);
+    assert_eq!(farm.held_by("s2").await?, 0);
+    assert_eq!(farm.held_by("s3").await?, 0);
 
     let j = farm.wait(&job, LONG).await?;
     let total_s = t_submit.elapsed().as_secs_f64();

@@ -39,13 +39,20 @@ pub fn group_tasks(tasks: Vec<Task>, max_group: usize) -> Vec<Vec<Task>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pixfarm_core::{
         ControlKind, ControlRef, JobId, Lane, Priority, TaskControl, TaskSpec, Variant,
     };
 
-    fn task(index: u64, w: u32, h: u32, steps: u32, control: Option<(ControlKind, f32)>) -> Task {
+    /// A task of its own job (shared with the worker's unit tests).
+    pub(crate) fn task(
+        index: u64,
+        w: u32,
+        h: u32,
+        steps: u32,
+        control: Option<(ControlKind, f32)>,
+    ) -> Task {
         let job = JobId::new();
         Task {
             spec: TaskSpec {

@@ -1026,31 +1026,9 @@ fn unique_jobs(tasks: &[Task]) -> Vec<JobId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pixfarm_core::{JobId, Lane, Priority, TaskSpec, Variant};
 
     fn task(index: u64) -> Task {
-        let job = JobId::new();
-        Task {
-            spec: TaskSpec {
-                job: job.clone(),
-                tenant: "default".into(),
-                index,
-                item: 0,
-                prompt: format!("p{index}"),
-                seed: index,
-                width: 64,
-                height: 64,
-                steps: 1,
-                control: None,
-                output_key: format!("{job}/{index:06}.png"),
-                lease_ms: 1000,
-                prior_attempts: 0,
-                submitted_ms: 0,
-            },
-            lane: Lane::new(Priority::Normal, Variant::Base),
-            entry_id: format!("{index}-0"),
-            attempt: 1,
-        }
+        crate::grouping::tests::task(index, 64, 64, 1, None)
     }
 
     /// Hole 6: a task held past its watchdog deadline (its upload task died, its render hung)

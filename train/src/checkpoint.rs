@@ -84,6 +84,20 @@ pub fn save(
     varmap: &VarMap,
     optimizer: &AdamW,
 ) -> Result<()> {
+    save_with(dir, stage, step, config, varmap, optimizer, &[])
+}
+
+/// [`save`] with further tensor files (`(file name, tensors)`, e.g. an EMA network) written into the
+/// same directory before the swap, so that they are in place whenever the checkpoint is.
+pub fn save_with(
+    dir: &Path,
+    stage: &str,
+    step: u64,
+    config: &Value,
+    varmap: &VarMap,
+    optimizer: &AdamW,
+    extra: &[(&str, HashMap<String, Tensor>)],
+) -> Result<()> {
     let tmp = dir.with_extension("tmp");
     let old = dir.with_extension("old");
     if tmp.exists() {
@@ -108,6 +122,10 @@ pub fn save(
         optimizer_steps: optimizer.steps(),
         config: config.clone(),
     };
+    for (file, tensors) in extra {
+        let p = tmp.join(file);
+        candle_core::safetensors::save(tensors, &p).map_err(|e| safetensors_error(&p, e))?;
+    }
     let p = tmp.join(STATE_FILE);
     let json = serde_json::to_string_pretty(&state).expect("a State always serialises");
     std::fs::write(&p, json + "\n").map_err(io(&p))?;

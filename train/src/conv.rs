@@ -1,14 +1,12 @@
-//! A 2-D convolution whose backward pass is made of forward convolutions.
+//! A 2-D convolution as im2col + matrix products, forward and backward.
 //!
-//! candle 0.11 differentiates `conv2d` with respect to its input through `conv_transpose2d`, whose CPU
-//! kernel is a direct loop: measured on the build machine at 8×16×64×64, 3×3, it takes ≈135 ms against
-//! ≈12 ms for the forward convolution and for the same gradient written as a `conv2d` (im2col + gemm), and
-//! it made the VAE's backward pass ≈7× its forward. This op computes the same values forward (it calls
-//! `conv2d`) and, backward, the input gradient as a correlation of the zero-dilated output gradient with
-//! the flipped kernel, the kernel gradient as candle does (also a `conv2d`). f32, CPU, groups 1,
-//! dilation 1: what the VAE uses.
+//! candle 0.11's CPU `conv2d` is a direct tiled loop (`conv2d_tiled`), and it differentiates the input
+//! through `conv_transpose2d`, another direct loop: at the VAE's few channels these were ≈45 % and more of a
+//! training step. Here the forward is `W · im2col(x)` (one multi-threaded gemm per image), the kernel
+//! gradient `Σ dY · im2col(x)ᵀ` and the input gradient `col2im(Wᵀ · dY)`, the textbook lowering. f32,
+//! CPU, groups 1, dilation 1: what the VAE uses. Tested against candle's own `conv2d` and its gradients.
 
-use candle_core::{CpuStorage, CustomOp2, D, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
 
 use crate::Result;
 
@@ -17,34 +15,154 @@ struct Conv2d {
     padding: usize,
 }
 
-fn tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Tensor::from_slice(&data[a..b], layout.shape(), &Device::Cpu),
-        None => candle_core::bail!("conv2d (fast backward): non-contiguous input"),
+/// The geometry of one convolution.
+#[derive(Clone, Copy)]
+struct Geom {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], k: usize, s: usize, p: usize) -> candle_core::Result<Self> {
+        let [b, c, h, w] = x else {
+            candle_core::bail!("conv2d: expected (B, C, H, W), got {x:?}")
+        };
+        let (b, c, h, w) = (*b, *c, *h, *w);
+        if h + 2 * p < k || w + 2 * p < k {
+            candle_core::bail!(
+                "conv2d: kernel {k} larger than the padded input {h}×{w} (padding {p})"
+            )
+        }
+        Ok(Self {
+            b,
+            c,
+            h,
+            w,
+            k,
+            s,
+            p,
+            ho: (h + 2 * p - k) / s + 1,
+            wo: (w + 2 * p - k) / s + 1,
+        })
+    }
+
+    /// Rows of the column matrix: `c·k·k`.
+    fn rows(&self) -> usize {
+        self.c * self.k * self.k
+    }
+
+    fn cols(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// For column-matrix row (ci, a, bb) and output row `oi`: the input row, if inside.
+    fn src(&self, o: usize, a: usize, len: usize) -> Option<usize> {
+        (o * self.s + a).checked_sub(self.p).filter(|i| *i < len)
     }
 }
 
-/// Inserts `s − 1` zeros between the entries of the last two dimensions.
-fn dilate(g: &Tensor, s: usize) -> candle_core::Result<Tensor> {
-    if s == 1 {
-        return Ok(g.clone());
+/// The output columns `oj` whose input column `oj·s + bb − p` lies inside `0..w`: `lo..hi`.
+fn valid(g: Geom, bb: usize, w: usize, o: usize) -> (usize, usize) {
+    let lo = g.p.saturating_sub(bb).div_ceil(g.s);
+    let hi = if w + g.p > bb {
+        ((w + g.p - bb - 1) / g.s + 1).min(o)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// Runs `f(n, chunk)` over the per-image chunks of `out` on two threads (the machines this trains on
+/// have two cores; candle's own ops are multi-threaded the same way).
+fn per_image(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let images: Vec<(usize, &mut [f32])> = out.chunks_exact_mut(chunk).enumerate().collect();
+    let half = images.len().div_ceil(2);
+    let mut images = images;
+    let second = images.split_off(half);
+    std::thread::scope(|scope| {
+        scope.spawn(|| second.into_iter().for_each(|(n, c)| f(n, c)));
+        images.into_iter().for_each(|(n, c)| f(n, c));
+    });
+}
+
+/// `(B, C·k·k, Ho·Wo)` column matrix of `x` (zeros where the window leaves the input).
+fn im2col(x: &[f32], g: Geom) -> Vec<f32> {
+    let mut out = vec![0f32; g.b * g.rows() * g.cols()];
+    per_image(&mut out, g.rows() * g.cols(), |n, chunk| {
+        for ci in 0..g.c {
+            let plane = &x[(n * g.c + ci) * g.h * g.w..][..g.h * g.w];
+            for a in 0..g.k {
+                for bb in 0..g.k {
+                    let (lo, hi) = valid(g, bb, g.w, g.wo);
+                    let row = &mut chunk[((ci * g.k + a) * g.k + bb) * g.cols()..][..g.cols()];
+                    for oi in 0..g.ho {
+                        let Some(ii) = g.src(oi, a, g.h) else {
+                            continue;
+                        };
+                        let src = &plane[ii * g.w..][..g.w];
+                        let dst = &mut row[oi * g.wo..][..g.wo];
+                        if g.s == 1 {
+                            let j0 = lo + bb - g.p;
+                            dst[lo..hi].copy_from_slice(&src[j0..j0 + hi - lo]);
+                        } else {
+                            for (oj, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                                *d = src[oj * g.s + bb - g.p];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The adjoint of [`im2col`]: sums every column entry back onto the input pixel it was read from.
+fn col2im(cols: &[f32], g: Geom) -> Vec<f32> {
+    let mut x = vec![0f32; g.b * g.c * g.h * g.w];
+    per_image(&mut x, g.c * g.h * g.w, |n, image| {
+        let chunk = &cols[n * g.rows() * g.cols()..][..g.rows() * g.cols()];
+        for ci in 0..g.c {
+            let plane = &mut image[ci * g.h * g.w..][..g.h * g.w];
+            for a in 0..g.k {
+                for bb in 0..g.k {
+                    let (lo, hi) = valid(g, bb, g.w, g.wo);
+                    let row = &chunk[((ci * g.k + a) * g.k + bb) * g.cols()..][..g.cols()];
+                    for oi in 0..g.ho {
+                        let Some(ii) = g.src(oi, a, g.h) else {
+                            continue;
+                        };
+                        let dst = &mut plane[ii * g.w..][..g.w];
+                        let src = &row[oi * g.wo..][..g.wo];
+                        for oj in lo..hi {
+                            dst[oj * g.s + bb - g.p] += src[oj];
+                        }
+                    }
+                }
+            }
+        }
+    });
+    x
+}
+
+fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("conv2d (im2col): non-contiguous input"),
     }
-    let (b, c, h, w) = g.dims4()?;
-    let z = Tensor::zeros((b, c, h, w, s - 1), g.dtype(), g.device())?;
-    let g = Tensor::cat(&[&g.unsqueeze(4)?, &z], 4)?
-        .reshape((b, c, h, w * s))?
-        .narrow(3, 0, (w - 1) * s + 1)?;
-    let w2 = (w - 1) * s + 1;
-    let z = Tensor::zeros((b, c, h, s - 1, w2), g.dtype(), g.device())?;
-    Tensor::cat(&[&g.unsqueeze(3)?, &z], 3)?
-        .reshape((b, c, h * s, w2))?
-        .narrow(2, 0, (h - 1) * s + 1)
 }
 
 impl CustomOp2 for Conv2d {
     fn name(&self) -> &'static str {
-        "conv2d-forward-conv-backward"
+        "conv2d-im2col"
     }
 
     fn cpu_fwd(
@@ -54,9 +172,19 @@ impl CustomOp2 for Conv2d {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = tensor(s1, l1)?.conv2d(&tensor(s2, l2)?, self.padding, self.stride, 1, 1)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        let (cout, k) = (l2.dims()[0], l2.dims()[2]);
+        let g = Geom::new(l1.dims(), k, self.stride, self.padding)?;
+        let cols = Tensor::from_vec(
+            im2col(slice(s1, l1)?, g),
+            (g.b, g.rows(), g.cols()),
+            &Device::Cpu,
+        )?;
+        let w = Tensor::from_slice(slice(s2, l2)?, (1, cout, g.rows()), &Device::Cpu)?;
+        let y = w.broadcast_matmul(&cols)?;
+        Ok((
+            CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            Shape::from((g.b, cout, g.ho, g.wo)),
+        ))
     }
 
     fn bwd(
@@ -66,31 +194,30 @@ impl CustomOp2 for Conv2d {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (s, p) = (self.stride, self.padding);
-        let (_, _, h, wd) = x.dims4()?;
-        let k = w.dim(2)?;
-        // Input gradient: grad_x[r] = Σ_a G[r + p − a]·w[a], G the output gradient dilated by the
-        // stride: a correlation of G, padded by k−1−p on the left (and up to the input size on the
-        // right), with the flipped kernel (channels swapped).
-        let g = dilate(grad, s)?;
-        let q = k - 1 - p;
-        let (gh, gw) = (g.dim(2)?, g.dim(3)?);
-        let g = g
-            .pad_with_zeros(D::Minus2, q, h + k - 1 - gh - q)?
-            .pad_with_zeros(D::Minus1, q, wd + k - 1 - gw - q)?;
-        let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-        let grad_x = g.conv2d(&wf, 0, 1, 1, 1)?;
-        // Kernel gradient as candle computes it (already a forward convolution).
-        let grad_w = x
-            .transpose(0, 1)?
-            .conv2d(&grad.transpose(0, 1)?, p, 1, s, 1)?
-            .transpose(0, 1)?;
-        let grad_w = grad_w.narrow(2, 0, k)?.narrow(3, 0, k)?;
+        let (cout, k) = (w.dim(0)?, w.dim(2)?);
+        let g = Geom::new(x.dims(), k, self.stride, self.padding)?;
+        let xs = x.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let cols = Tensor::from_vec(im2col(&xs, g), (g.b, g.rows(), g.cols()), &Device::Cpu)?;
+        let gy = grad.detach().contiguous()?.reshape((g.b, cout, g.cols()))?;
+        // dW = Σ_n dY_n · cols_nᵀ; dcols = Wᵀ · dY, folded back onto the input.
+        let grad_w = gy
+            .matmul(&cols.transpose(1, 2)?)?
+            .sum(0)?
+            .reshape(w.dims())?;
+        let wt = w
+            .detach()
+            .reshape((cout, g.rows()))?
+            .t()?
+            .contiguous()?
+            .unsqueeze(0)?;
+        let dcols = wt.broadcast_matmul(&gy)?.flatten_all()?.to_vec1::<f32>()?;
+        let grad_x = Tensor::from_vec(col2im(&dcols, g), x.dims(), &Device::Cpu)?;
         Ok((Some(grad_x), Some(grad_w)))
     }
 }
 
-/// `x.conv2d(w, padding, stride, 1, 1)` with the fast backward pass; needs `padding < kernel size`.
+/// `x.conv2d(w, padding, stride, 1, 1)` through im2col + matrix products, forward and backward;
+/// needs `padding < kernel size`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let k = w.dim(2)?;
     if padding >= k || w.dim(3)? != k {

@@ -50,6 +50,9 @@ pub enum Error {
     /// without a backward pass, a detached copy), so it would silently never train.
     #[error("variable `{name}` received no gradient: the autograd graph does not reach it")]
     NoGradient { name: String },
+    /// An earlier stage's exported directory (`vae/`, `text_encoder/`, …) that does not load.
+    #[error("{}: {message}", path.display())]
+    ModelDir { path: PathBuf, message: String },
     #[error(transparent)]
     Model(#[from] pixart::Error),
     #[error(transparent)]

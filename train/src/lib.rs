@@ -23,7 +23,20 @@
 //! | [`checkpoint`] | resumable checkpoints (params, moments, JSON state); stage and config checked on resume |
 //! | [`progress`] | the progress bar: loss and steps/s |
 //! | [`conv`] | a `conv2d` whose backward pass is forward convolutions (candle's CPU `conv_transpose2d` is ≈10× slower) |
+//! | [`norm`] | GroupNorm with a fused CPU backward (candle-nn's composed one dominated the VAE's backward) |
 //! | [`vae`] | stage 1: a small SD-architecture AutoencoderKL, trained and exported as a diffusers `vae/` |
+//! | [`text`] | stage 2: the word-level T5 tokenizer and the frozen, order-aware T5 encoder |
+//! | [`dit`] | a PixArt transformer from scratch: diffusers names and shapes, PixArt's initialisation, export |
+//! | [`diffusion`] | PixArt-α's loss: ε MSE + the learned-σ variational bound (IDDPM) |
+//! | [`prep`] | latents from the trained VAE and features from the frozen text encoder, prepared once per run |
+//! | [`stage`] | the loop the diffusion stages share: preflight, steps, saves, NaN stop, interruption |
+//! | [`teacher`] | stage 3: the PixArt-α teacher (ε + learned σ, caption dropout) |
+//! | [`distill`] | stage 4: Latent Consistency Distillation into the 4-step student (Algorithm 1) |
+//! | [`adapter`] | stage 5: the ControlNet-Transformer adapter on edge maps (base frozen, zero-init projections) |
+//! | [`sample`] | evaluation sampling: teacher DDIM + CFG, student with the farm's LCM sampler |
+//! | [`eval`] | prompt accuracy of a model on unseen prompts, timed |
+//! | [`sheet`] | contact sheets: a PNG grid and its prompt legend |
+//! | [`package`] | the trained parts as one diffusers model directory |
 //! | [`varmap`] | checkpoints as `VarMap`s for the transformer's training mode, and frozen snapshots |
 //! | [`error`] | [`Error`]: every variant names the file (and line) or field at fault |
 //!
@@ -52,20 +65,33 @@
 //! # Ok::<(), pixart_train::Error>(())
 //! ```
 
+pub mod adapter;
 pub mod analyse;
 pub mod attributes;
 pub mod caption;
 pub mod checkpoint;
 pub mod conv;
 pub mod dataset;
+pub mod diffusion;
+pub mod distill;
+pub mod dit;
 pub mod edges;
 pub mod error;
+pub mod eval;
 pub mod lcd;
 pub mod metrics;
+pub mod norm;
 pub mod optim;
+pub mod package;
+pub mod prep;
 pub mod progress;
+pub mod sample;
 pub mod scene;
 pub mod seed;
+pub mod sheet;
+pub mod stage;
+pub mod teacher;
+pub mod text;
 pub mod vae;
 pub mod varmap;
 

@@ -12,8 +12,8 @@
 //! * the KL term needs the posterior log-variance, which candle's `DiagonalGaussianDistribution` hides;
 //! * candle builds the legacy attention names (`query`, …, `proj_attn`) on an empty `VarMap`.
 //!
-//! Every op on this path has a backward in candle 0.11 (the fast convolution, GroupNorm — composed ops —,
-//! SiLU, the composed `softmax` of the mid-block attention, nearest upsampling with a single consumer); the
+//! Every op on this path has a backward in candle 0.11 (the fast convolution, GroupNorm — [`crate::norm`] —,
+//! SiLU, the composed `softmax` of the mid-block attention, nearest upsampling as a broadcast); the
 //! tests check that every variable receives a gradient. Initialisation is PyTorch's default (uniform
 //! ±1/√fan_in for weights and biases, GroupNorm 1/0), drawn from the run's seed because candle's CPU
 //! random numbers cannot be seeded.
@@ -24,13 +24,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder, VarMap};
+use candle_nn::{Linear, VarBuilder, VarMap};
 use image::RgbImage;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 use crate::dataset::{DatasetConfig, Split};
+use crate::norm::GroupNorm;
 use crate::optim::{AdamW, AdamWParams, clip_grad_norm};
 use crate::progress::Progress;
 use crate::seed::{self, Stream};
@@ -56,6 +57,10 @@ pub struct VaeTrainConfig {
     pub latent_channels: usize,
     pub norm_num_groups: usize,
     pub batch_size: usize,
+    /// Train on random `crop_size`² crops (on the latent grid) of the images: the network is convolutional, so
+    /// a crop teaches the same local reconstruction at a fraction of the cost. `None`: whole images.
+    #[serde(default)]
+    pub crop_size: Option<u32>,
     /// Weight of the KL term; both terms are per-element means. SD's 1e-6 on sums would be ≈2e-8 here:
     /// this stronger pull keeps the latents near unit scale for the diffusion stages.
     pub kl_weight: f64,
@@ -75,6 +80,7 @@ impl Default for VaeTrainConfig {
             latent_channels: 4,
             norm_num_groups: 8,
             batch_size: 8,
+            crop_size: None,
             kl_weight: 1e-4,
             grad_clip: 1.0,
             optimizer: AdamWParams {
@@ -113,6 +119,17 @@ impl VaeTrainConfig {
                 "image_size",
                 format!(
                     "{} is not a multiple of the VAE's ×{factor} downsampling",
+                    self.image_size
+                ),
+            );
+        }
+        if let Some(crop) = self.crop_size
+            && (crop == 0 || crop > self.image_size || !crop.is_multiple_of(factor))
+        {
+            return bad(
+                "crop_size",
+                format!(
+                    "{crop} must be a positive multiple of the VAE's ×{factor} downsampling, at most image_size {}",
                     self.image_size
                 ),
             );
@@ -177,7 +194,16 @@ impl Conv {
 }
 
 fn norm(vb: VarBuilder, groups: usize, channels: usize) -> Result<GroupNorm> {
-    Ok(candle_nn::group_norm(groups, channels, EPS, vb)?)
+    GroupNorm::new(vb, groups, channels, EPS)
+}
+
+/// Nearest ×2 upsampling as a broadcast: its backward is a sum over the broadcast axes, where candle's
+/// `upsample_nearest2d` backward goes through a slower generic path.
+fn upsample2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))?)
 }
 
 fn silu_norm(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
@@ -392,8 +418,7 @@ impl Network {
                 x = r.forward(&x)?;
             }
             if let Some(conv) = &block.resample {
-                let (_, _, h, w) = x.dims4()?;
-                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+                x = conv.forward(&upsample2(&x)?)?;
             }
         }
         self.dec_out.forward(&silu_norm(&self.dec_norm, &x)?)
@@ -565,6 +590,20 @@ fn init(varmap: &VarMap, seed: u64, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// A random `crop`² window of each image, its corner on the `grid`-pixel lattice (so crops line up with the
+/// latent cells as whole images do).
+fn crop_batch(x: &Tensor, crop: usize, grid: usize, rng: &mut impl Rng) -> Result<Tensor> {
+    let (b, _, h, w) = x.dims4()?;
+    let list = (0..b)
+        .map(|i| {
+            let top = rng.random_range(0..=(h - crop) / grid) * grid;
+            let left = rng.random_range(0..=(w - crop) / grid) * grid;
+            Ok(x.get(i)?.narrow(1, top, crop)?.narrow(2, left, crop)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&list, 0)?)
+}
+
 /// An RGB image as a (3, H, W) tensor in [−1, 1].
 pub fn image_to_tensor(image: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = image.dimensions();
@@ -720,6 +759,13 @@ pub fn train(
             .map(|_| rng.random_range(0..config.dataset_size as u32))
             .collect();
         let x = pool.index_select(&Tensor::new(idx.as_slice(), device)?, 0)?;
+        let (x, latent) = match config.crop_size {
+            Some(crop) => (
+                crop_batch(&x, crop as usize, config.scale_factor(), &mut rng)?,
+                crop as usize / config.scale_factor(),
+            ),
+            None => (x, latent),
+        };
         let noise = seed::randn(
             &mut seed::rng(config.seed, step, Stream::Noise),
             &[config.batch_size, config.latent_channels, latent, latent],

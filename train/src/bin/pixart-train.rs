@@ -10,6 +10,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use pixart_train::adapter::{self, AdapterConfig};
+use pixart_train::dataset::{DatasetConfig, Split};
+use pixart_train::distill::{self, DistillConfig};
+use pixart_train::eval::{self, Sampler};
+use pixart_train::teacher::{self, TeacherConfig};
+use pixart_train::text::{self, TextConfig};
 use pixart_train::vae::{self, RunOptions, VaeTrainConfig};
 
 #[derive(Parser)]
@@ -23,6 +29,210 @@ struct Cli {
 enum Command {
     /// Stage 1: a small SD-architecture AutoencoderKL; writes OUT/checkpoint and OUT/vae (diffusers).
     Vae(VaeArgs),
+    /// Stage 2: the word-level tokenizer and the frozen T5 encoder; writes OUT/tokenizer and OUT/text_encoder.
+    Text(TextArgs),
+    /// Stage 3: the PixArt-α teacher; writes OUT/checkpoint and OUT/transformer (diffusers).
+    Teacher(TeacherArgs),
+    /// Stage 4: Latent Consistency Distillation of the teacher; writes OUT/checkpoint and OUT/transformer.
+    Lcd(LcdArgs),
+    /// Stage 5: the ControlNet-Transformer adapter on edge maps; writes OUT/checkpoint and OUT/controlnet.
+    Controlnet(ControlnetArgs),
+    /// Edge alignment of a model with its adapter: F1 at scale 1, scale 0 and without the adapter.
+    Edges(EdgesArgs),
+    /// Every stage in order into OUT/<stage>, each resumed or skipped when already done, then the
+    /// packaged model (OUT/model), its figures (OUT/report.json) and a contact sheet (OUT/sheet.png).
+    All(AllArgs),
+    /// Assembles a diffusers model directory (model_index.json, scheduler/, and the stages' parts).
+    Package(PackageArgs),
+    /// Prompt accuracy of a transformer on prompts it never saw (teacher DDIM+CFG or LCM sampling).
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct TextArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = TextConfig::default().d_model)]
+    d_model: usize,
+}
+
+#[derive(clap::Args)]
+struct TeacherArgs {
+    #[arg(long)]
+    out: PathBuf,
+    /// The VAE stage's output directory (holding vae/).
+    #[arg(long)]
+    vae: PathBuf,
+    /// The text stage's output directory (holding tokenizer/ and text_encoder/).
+    #[arg(long)]
+    text: PathBuf,
+    #[arg(long, default_value_t = 4000)]
+    steps: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = 250)]
+    save_every: u64,
+    #[arg(long, default_value_t = TeacherConfig::default().batch_size)]
+    batch_size: usize,
+    #[arg(long, default_value_t = TeacherConfig::default().optimizer.lr)]
+    lr: f64,
+    #[arg(long, default_value_t = TeacherConfig::default().num_layers)]
+    layers: usize,
+    #[arg(long, default_value_t = TeacherConfig::default().attention_head_dim)]
+    head_dim: usize,
+    #[arg(long, default_value_t = TeacherConfig::default().patch_size)]
+    patch_size: usize,
+    #[arg(long, default_value_t = TeacherConfig::default().dataset_size)]
+    dataset_size: u64,
+    #[arg(long)]
+    log: bool,
+}
+
+#[derive(clap::Args)]
+struct LcdArgs {
+    #[arg(long)]
+    out: PathBuf,
+    /// The teacher stage's output directory (holding transformer/).
+    #[arg(long)]
+    teacher: PathBuf,
+    #[arg(long)]
+    vae: PathBuf,
+    #[arg(long)]
+    text: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = 100)]
+    save_every: u64,
+    #[arg(long, default_value_t = DistillConfig::default().batch_size)]
+    batch_size: usize,
+    #[arg(long, default_value_t = DistillConfig::default().optimizer.lr)]
+    lr: f64,
+    #[arg(long, default_value_t = DistillConfig::default().dataset_size)]
+    dataset_size: u64,
+    #[arg(long)]
+    log: bool,
+}
+
+#[derive(clap::Args)]
+struct ControlnetArgs {
+    #[arg(long)]
+    out: PathBuf,
+    /// A directory holding transformer/ (the LCD stage's output).
+    #[arg(long)]
+    base: PathBuf,
+    #[arg(long)]
+    vae: PathBuf,
+    #[arg(long)]
+    text: PathBuf,
+    #[arg(long, default_value_t = 600)]
+    steps: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = 100)]
+    save_every: u64,
+    #[arg(long, default_value_t = AdapterConfig::default().num_layers)]
+    layers: usize,
+    #[arg(long, default_value_t = AdapterConfig::default().batch_size)]
+    batch_size: usize,
+    #[arg(long, default_value_t = AdapterConfig::default().dataset_size)]
+    dataset_size: u64,
+    #[arg(long)]
+    log: bool,
+}
+
+#[derive(clap::Args)]
+struct EdgesArgs {
+    /// A model directory (transformer/, controlnet/, vae/, tokenizer/, text_encoder/).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 50)]
+    count: usize,
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+}
+
+#[derive(clap::Args)]
+struct AllArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A few steps of every stage at tiny sizes (CI): checks the chain, not the model.
+    #[arg(long)]
+    smoke: bool,
+    #[arg(long, default_value_t = 2000)]
+    vae_steps: u64,
+    #[arg(long, default_value_t = 2500)]
+    teacher_steps: u64,
+    #[arg(long, default_value_t = 1000)]
+    lcd_steps: u64,
+    #[arg(long, default_value_t = 600)]
+    controlnet_steps: u64,
+    /// Prompts scored at the end (0: no evaluation).
+    #[arg(long, default_value_t = 200)]
+    eval_count: usize,
+}
+
+#[derive(clap::Args)]
+struct PackageArgs {
+    /// The model directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// A directory holding transformer/ (the LCD stage's output).
+    #[arg(long)]
+    transformer: PathBuf,
+    #[arg(long)]
+    vae: PathBuf,
+    #[arg(long)]
+    text: PathBuf,
+    /// A directory holding controlnet/ (optional).
+    #[arg(long)]
+    controlnet: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A transformer/ directory (diffusers layout).
+    #[arg(long)]
+    transformer: PathBuf,
+    /// A directory holding vae/.
+    #[arg(long)]
+    vae: PathBuf,
+    /// A directory holding tokenizer/ and text_encoder/.
+    #[arg(long)]
+    text: PathBuf,
+    /// `ddim` (with --cfg) or `lcm`.
+    #[arg(long, default_value = "lcm")]
+    sampler: String,
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    #[arg(long, default_value_t = 4.5)]
+    cfg: f64,
+    #[arg(long, default_value_t = 200)]
+    count: usize,
+    /// Score the held-out (colour, shape) combinations instead of unseen prompts of the training world.
+    #[arg(long)]
+    held_out: bool,
+    /// The training run's seed and pool size: their captions are excluded from the prompts.
+    #[arg(long, default_value_t = 0)]
+    train_seed: u64,
+    #[arg(long, default_value_t = TeacherConfig::default().dataset_size)]
+    train_size: u64,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Write the first images as a PNG grid here.
+    #[arg(long)]
+    sheet: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -45,8 +255,14 @@ struct VaeArgs {
     batch_size: usize,
     #[arg(long, default_value_t = VaeTrainConfig::default().optimizer.lr)]
     lr: f64,
+    /// Train on random crops of this side (a multiple of 8) instead of whole images.
+    #[arg(long)]
+    crop: Option<u32>,
     #[arg(long, default_value_t = VaeTrainConfig::default().kl_weight)]
     kl_weight: f64,
+    /// Latent channels (SD's 4; more make reconstruction easier at the DiT's expense).
+    #[arg(long, default_value_t = VaeTrainConfig::default().latent_channels)]
+    latent_channels: usize,
     /// Channels per level, comma-separated (4 levels: the ×8 SD VAE).
     #[arg(long, value_delimiter = ',', default_values_t = VaeTrainConfig::default().block_out_channels)]
     channels: Vec<usize>,
@@ -66,6 +282,8 @@ fn main() -> anyhow::Result<()> {
             let mut config = VaeTrainConfig {
                 seed: a.seed,
                 batch_size: a.batch_size,
+                crop_size: a.crop,
+                latent_channels: a.latent_channels,
                 kl_weight: a.kl_weight,
                 block_out_channels: a.channels,
                 norm_num_groups: a.norm_groups,
@@ -106,6 +324,543 @@ fn main() -> anyhow::Result<()> {
                 run.vae_dir.map_or("-".into(), |d| d.display().to_string()),
             );
         }
+        Command::Text(a) => {
+            let config = TextConfig {
+                seed: a.seed,
+                d_model: a.d_model,
+                ..Default::default()
+            };
+            let vocab = text::build(&config, &a.out)
+                .with_context(|| format!("writing the text side into {}", a.out.display()))?;
+            eprintln!(
+                "text: vocabulary {vocab} pieces · T5 d_model {} · {}",
+                config.d_model,
+                a.out.display()
+            );
+        }
+        Command::Teacher(a) => run_teacher(a)?,
+        Command::Eval(a) => run_eval(a)?,
+        Command::Lcd(a) => run_lcd(a)?,
+        Command::Controlnet(a) => run_controlnet(a)?,
+        Command::Edges(a) => run_edges(a)?,
+        Command::All(a) => run_all(a)?,
+        Command::Package(a) => {
+            pixart_train::package::write(&pixart_train::package::Parts {
+                out: a.out.clone(),
+                transformer: a.transformer.join("transformer"),
+                vae: a.vae.join("vae"),
+                text: a.text,
+                controlnet: a.controlnet.map(|c| c.join("controlnet")),
+            })
+            .with_context(|| format!("writing the model into {}", a.out.display()))?;
+            eprintln!("model: {}", a.out.display());
+        }
+    }
+    Ok(())
+}
+
+fn median_min(secs: &[f64]) -> (f64, f64) {
+    let mut s = secs.to_vec();
+    s.sort_by(f64::total_cmp);
+    (
+        s.first().copied().unwrap_or(f64::NAN),
+        s.get(s.len() / 2).copied().unwrap_or(f64::NAN),
+    )
+}
+
+fn run_teacher(a: TeacherArgs) -> anyhow::Result<()> {
+    let mut config = TeacherConfig {
+        seed: a.seed,
+        batch_size: a.batch_size,
+        num_layers: a.layers,
+        attention_head_dim: a.head_dim,
+        patch_size: a.patch_size,
+        dataset_size: a.dataset_size,
+        ..Default::default()
+    };
+    config.optimizer.lr = a.lr;
+    let opts = teacher::RunOptions {
+        out: a.out.clone(),
+        vae: a.vae,
+        text: a.text,
+        steps: a.steps,
+        save_every: a.save_every,
+        resume: a.resume,
+        progress: !a.log,
+    };
+    let log = a.log;
+    let run = teacher::train(&config, &opts, &candle_core::Device::Cpu, |r| {
+        if log {
+            println!("{}", serde_json::to_string(r).expect("records serialise"));
+        }
+        ControlFlow::Continue(())
+    })
+    .with_context(|| format!("training the teacher into {}", a.out.display()))?;
+    let (min, median) = median_min(&run.seconds_per_step);
+    let tail: Vec<_> = run.records.iter().rev().take(100).collect();
+    let mean = |f: &dyn Fn(&teacher::StepRecord) -> f32| {
+        tail.iter().map(|r| f(r)).sum::<f32>() / tail.len().max(1) as f32
+    };
+    eprintln!(
+        "teacher: steps {}..{} · prepare {:.1} s · min {:.3} / median {:.3} s/step · last-100 mean loss {:.4} (mse {:.4}, vb {:.4}) · {}",
+        run.start_step,
+        run.end_step,
+        run.prepare_seconds,
+        min,
+        median,
+        mean(&|r| r.loss),
+        mean(&|r| r.mse),
+        mean(&|r| r.vb),
+        run.transformer_dir
+            .map_or("-".into(), |d| d.display().to_string()),
+    );
+    Ok(())
+}
+
+fn run_lcd(a: LcdArgs) -> anyhow::Result<()> {
+    let mut config = DistillConfig {
+        seed: a.seed,
+        batch_size: a.batch_size,
+        dataset_size: a.dataset_size,
+        ..Default::default()
+    };
+    config.optimizer.lr = a.lr;
+    let opts = distill::RunOptions {
+        out: a.out.clone(),
+        teacher: a.teacher,
+        vae: a.vae,
+        text: a.text,
+        steps: a.steps,
+        save_every: a.save_every,
+        resume: a.resume,
+        progress: !a.log,
+    };
+    let log = a.log;
+    let run = distill::train(&config, &opts, &candle_core::Device::Cpu, |r| {
+        if log {
+            println!("{}", serde_json::to_string(r).expect("records serialise"));
+        }
+        ControlFlow::Continue(())
+    })
+    .with_context(|| format!("distilling into {}", a.out.display()))?;
+    let (min, median) = median_min(&run.seconds_per_step);
+    let tail: Vec<_> = run.records.iter().rev().take(100).collect();
+    let mean = tail.iter().map(|r| r.loss).sum::<f32>() / tail.len().max(1) as f32;
+    eprintln!(
+        "lcd: steps {}..{} · prepare {:.1} s · min {:.3} / median {:.3} s/step · last-100 mean loss {:.5} · {}",
+        run.start_step,
+        run.end_step,
+        run.prepare_seconds,
+        min,
+        median,
+        mean,
+        run.transformer_dir
+            .map_or("-".into(), |d| d.display().to_string()),
+    );
+    Ok(())
+}
+
+fn run_controlnet(a: ControlnetArgs) -> anyhow::Result<()> {
+    let config = AdapterConfig {
+        seed: a.seed,
+        num_layers: a.layers,
+        batch_size: a.batch_size,
+        dataset_size: a.dataset_size,
+        ..Default::default()
+    };
+    let opts = adapter::RunOptions {
+        out: a.out.clone(),
+        base: a.base,
+        vae: a.vae,
+        text: a.text,
+        steps: a.steps,
+        save_every: a.save_every,
+        resume: a.resume,
+        progress: !a.log,
+    };
+    let log = a.log;
+    let run = adapter::train(&config, &opts, &candle_core::Device::Cpu, |r| {
+        if log {
+            println!("{}", serde_json::to_string(r).expect("records serialise"));
+        }
+        ControlFlow::Continue(())
+    })
+    .with_context(|| format!("training the adapter into {}", a.out.display()))?;
+    let (min, median) = median_min(&run.seconds_per_step);
+    let tail: Vec<_> = run.records.iter().rev().take(100).collect();
+    let mean = tail.iter().map(|r| r.loss).sum::<f32>() / tail.len().max(1) as f32;
+    eprintln!(
+        "controlnet: steps {}..{} · prepare {:.1} s · min {:.3} / median {:.3} s/step · last-100 mean loss {:.5} · {}",
+        run.start_step,
+        run.end_step,
+        run.prepare_seconds,
+        min,
+        median,
+        mean,
+        run.controlnet_dir
+            .map_or("-".into(), |d| d.display().to_string()),
+    );
+    Ok(())
+}
+
+/// Edge F1 with the adapter at scale 1 and 0 and without it, on `count` held-back prompts.
+fn edge_report(
+    model: &std::path::Path,
+    count: usize,
+    steps: usize,
+) -> anyhow::Result<Vec<(String, f64, String)>> {
+    let dev = candle_core::Device::Cpu;
+    let transformer = pixart::transformer::PixArtTransformer::load(
+        model.join("transformer"),
+        candle_core::DType::F32,
+        &dev,
+    )?;
+    let adapter = pixart::controlnet::ControlNetAdapter::load(
+        model.join("controlnet"),
+        &transformer.config,
+        candle_core::DType::F32,
+        &dev,
+    )?;
+    let (vae, _) = pixart_train::prep::load_vae(model)?;
+    let mut text = pixart_train::prep::Text::load(model)?;
+    let data = DatasetConfig {
+        seed: 2_000_003,
+        ..Default::default()
+    };
+    let samples = data.samples(Split::Train, count as u64);
+    let mut out = Vec::new();
+    for (name, a) in [
+        ("scale 1", Some((&adapter, 1.0f32))),
+        ("scale 0", Some((&adapter, 0.0))),
+        ("no adapter", None),
+    ] {
+        let r = eval::evaluate_edges(&transformer, a, &vae, &mut text, &samples, steps, 7_000, 16)?;
+        println!(
+            "edges {name}: F1 {:.3} · {} · {:.3} s/image",
+            r.f1, r.accuracy, r.seconds_per_image
+        );
+        out.push((name.to_string(), r.f1, r.accuracy.to_string()));
+    }
+    Ok(out)
+}
+
+fn run_edges(a: EdgesArgs) -> anyhow::Result<()> {
+    edge_report(&a.model, a.count, a.steps).map(|_| ())
+}
+
+fn run_all(a: AllArgs) -> anyhow::Result<()> {
+    use std::time::Instant;
+    let out = a.out.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let smoke = a.smoke;
+    let pick = |full: u64, smoke_steps: u64| if smoke { smoke_steps } else { full };
+    let mut timings = serde_json::Map::new();
+    let mut time = |name: &str, t0: Instant| {
+        let s = t0.elapsed().as_secs_f64();
+        eprintln!("== {name}: {s:.1} s");
+        timings.insert(name.into(), serde_json::json!(s));
+    };
+    let dev = candle_core::Device::Cpu;
+    let resume_of = |dir: &std::path::Path| {
+        pixart_train::checkpoint::exists(&pixart_train::checkpoint::dir(dir))
+    };
+
+    let text_dir = out.join("text");
+    let t0 = Instant::now();
+    if !text_dir.join("text_encoder/config.json").exists() {
+        text::build(
+            &TextConfig {
+                seed: a.seed,
+                ..Default::default()
+            },
+            &text_dir,
+        )?;
+    }
+    time("text", t0);
+
+    let vae_dir = out.join("vae");
+    let t0 = Instant::now();
+    if !vae_dir.join("vae/config.json").exists() {
+        let mut config = VaeTrainConfig {
+            seed: a.seed,
+            crop_size: Some(32),
+            batch_size: 16,
+            latent_channels: 8,
+            ..Default::default()
+        };
+        if smoke {
+            config = VaeTrainConfig {
+                seed: a.seed,
+                block_out_channels: vec![8, 8, 8, 8],
+                dataset_size: 16,
+                batch_size: 4,
+                latent_channels: 8,
+                ..Default::default()
+            };
+        }
+        let opts = RunOptions {
+            out: vae_dir.clone(),
+            steps: pick(a.vae_steps, 3),
+            save_every: 200,
+            resume: resume_of(&vae_dir),
+            progress: true,
+        };
+        vae::train(&config, &opts, &dev, |_| ControlFlow::Continue(())).context("stage vae")?;
+    }
+    time("vae", t0);
+
+    let teacher_dir = out.join("teacher");
+    let t0 = Instant::now();
+    if !teacher_dir.join("transformer/config.json").exists() {
+        let mut config = TeacherConfig {
+            seed: a.seed,
+            ..Default::default()
+        };
+        if smoke {
+            config = TeacherConfig {
+                seed: a.seed,
+                dataset_size: 32,
+                batch_size: 8,
+                num_layers: 2,
+                attention_head_dim: 8,
+                ..Default::default()
+            };
+        }
+        let opts = teacher::RunOptions {
+            out: teacher_dir.clone(),
+            vae: vae_dir.clone(),
+            text: text_dir.clone(),
+            steps: pick(a.teacher_steps, 3),
+            save_every: 250,
+            resume: resume_of(&teacher_dir),
+            progress: true,
+        };
+        teacher::train(&config, &opts, &dev, |_| ControlFlow::Continue(()))
+            .context("stage teacher")?;
+    }
+    time("teacher", t0);
+
+    let lcd_dir = out.join("lcd");
+    let t0 = Instant::now();
+    if !lcd_dir.join("transformer/config.json").exists() {
+        let mut config = DistillConfig {
+            seed: a.seed,
+            ..Default::default()
+        };
+        if smoke {
+            config = DistillConfig {
+                seed: a.seed,
+                dataset_size: 32,
+                batch_size: 8,
+                ..Default::default()
+            };
+        }
+        let opts = distill::RunOptions {
+            out: lcd_dir.clone(),
+            teacher: teacher_dir.clone(),
+            vae: vae_dir.clone(),
+            text: text_dir.clone(),
+            steps: pick(a.lcd_steps, 3),
+            save_every: 100,
+            resume: resume_of(&lcd_dir),
+            progress: true,
+        };
+        distill::train(&config, &opts, &dev, |_| ControlFlow::Continue(())).context("stage lcd")?;
+    }
+    time("lcd", t0);
+
+    let cn_dir = out.join("controlnet");
+    let t0 = Instant::now();
+    if !cn_dir.join("controlnet/config.json").exists() {
+        let mut config = AdapterConfig {
+            seed: a.seed,
+            ..Default::default()
+        };
+        if smoke {
+            config = AdapterConfig {
+                seed: a.seed,
+                dataset_size: 32,
+                batch_size: 8,
+                num_layers: 1,
+                ..Default::default()
+            };
+        }
+        let opts = adapter::RunOptions {
+            out: cn_dir.clone(),
+            base: lcd_dir.clone(),
+            vae: vae_dir.clone(),
+            text: text_dir.clone(),
+            steps: pick(a.controlnet_steps, 3),
+            save_every: 100,
+            resume: resume_of(&cn_dir),
+            progress: true,
+        };
+        adapter::train(&config, &opts, &dev, |_| ControlFlow::Continue(()))
+            .context("stage controlnet")?;
+    }
+    time("controlnet", t0);
+
+    let model = out.join("model");
+    pixart_train::package::write(&pixart_train::package::Parts {
+        out: model.clone(),
+        transformer: lcd_dir.join("transformer"),
+        vae: vae_dir.join("vae"),
+        text: text_dir.clone(),
+        controlnet: Some(cn_dir.join("controlnet")),
+    })?;
+    eprintln!("model: {}", model.display());
+
+    let mut report = serde_json::json!({"timings_s": timings});
+    if a.eval_count > 0 {
+        let t0 = Instant::now();
+        let count = if smoke {
+            a.eval_count.min(8)
+        } else {
+            a.eval_count
+        };
+        let transformer = pixart::transformer::PixArtTransformer::load(
+            model.join("transformer"),
+            candle_core::DType::F32,
+            &dev,
+        )?;
+        let teacher_model = pixart::transformer::PixArtTransformer::load(
+            teacher_dir.join("transformer"),
+            candle_core::DType::F32,
+            &dev,
+        )?;
+        let (vae_model, _) = pixart_train::prep::load_vae(&model)?;
+        let mut text_model = pixart_train::prep::Text::load(&model)?;
+        let train_size = if smoke {
+            32
+        } else {
+            TeacherConfig::default().dataset_size
+        };
+        let exclude = DatasetConfig {
+            seed: a.seed,
+            ..Default::default()
+        }
+        .samples(Split::Train, train_size)
+        .into_iter()
+        .map(|s| s.caption)
+        .collect();
+        let data = DatasetConfig {
+            seed: a.seed + 1_000_003,
+            ..Default::default()
+        };
+        let mut rows = Vec::new();
+        for (split, name) in [
+            (Split::Train, "unseen prompts"),
+            (Split::HeldOut, "held-out combinations"),
+        ] {
+            let samples = eval::prompts(&data, split, count, &exclude);
+            let mut runs: Vec<(&pixart::transformer::PixArtTransformer, Sampler)> = vec![(
+                &teacher_model,
+                Sampler::Ddim {
+                    steps: 25,
+                    cfg: 4.5,
+                },
+            )];
+            for steps in [1, 2, 4, 8] {
+                runs.push((&transformer, Sampler::Lcm { steps }));
+            }
+            for (m, sampler) in runs {
+                if split == Split::HeldOut && sampler != (Sampler::Lcm { steps: 4 }) {
+                    continue;
+                }
+                let r =
+                    eval::evaluate(m, &vae_model, &mut text_model, &samples, sampler, 9_000, 16)?;
+                println!(
+                    "{name} · {} · {} · {} evaluations/image · {:.3} s/image",
+                    r.sampler,
+                    r.accuracy,
+                    r.sampler.evaluations(),
+                    r.seconds_per_image
+                );
+                if sampler == (Sampler::Lcm { steps: 4 }) && split == Split::Train {
+                    let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
+                    pixart_train::sheet::write(
+                        &out.join("sheet.png"),
+                        &r.images,
+                        &captions,
+                        8,
+                        32,
+                    )?;
+                }
+                let acc = &r.accuracy;
+                rows.push(serde_json::json!({
+                    "prompts": name, "sampler": r.sampler.to_string(), "evaluations": r.sampler.evaluations(),
+                    "seconds_per_image": r.seconds_per_image, "n": acc.total,
+                    "colour": acc.colour_rate(), "shape": acc.shape_rate(), "size": acc.size_rate(),
+                    "position": acc.position_rate(), "all": acc.all_rate(),
+                }));
+            }
+        }
+        let edges = edge_report(&model, if smoke { 4 } else { 50 }, 4)?;
+        report["accuracy"] = serde_json::json!(rows);
+        report["edges"] = serde_json::json!(
+            edges
+                .iter()
+                .map(|(n, f1, acc)| serde_json::json!({"control": n, "f1": f1, "accuracy": acc}))
+                .collect::<Vec<_>>()
+        );
+        let s = t0.elapsed().as_secs_f64();
+        report["eval_s"] = serde_json::json!(s);
+        eprintln!("contact sheet: {}", out.join("sheet.png").display());
+    }
+    let path = out.join("report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("report: {}", path.display());
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let dev = candle_core::Device::Cpu;
+    let model =
+        pixart::transformer::PixArtTransformer::load(&a.transformer, candle_core::DType::F32, &dev)
+            .with_context(|| format!("loading {}", a.transformer.display()))?;
+    let (vae, _) = pixart_train::prep::load_vae(&a.vae)?;
+    let mut text = pixart_train::prep::Text::load(&a.text)?;
+    let sampler = match a.sampler.as_str() {
+        "ddim" => Sampler::Ddim {
+            steps: a.steps,
+            cfg: a.cfg,
+        },
+        "lcm" => Sampler::Lcm { steps: a.steps },
+        other => anyhow::bail!("--sampler: `{other}` is not one of ddim, lcm"),
+    };
+    let train = DatasetConfig {
+        seed: a.train_seed,
+        ..Default::default()
+    };
+    let exclude = train
+        .samples(Split::Train, a.train_size)
+        .into_iter()
+        .map(|s| s.caption)
+        .collect();
+    let data = DatasetConfig {
+        seed: a.train_seed + 1_000_003,
+        ..Default::default()
+    };
+    let split = if a.held_out {
+        Split::HeldOut
+    } else {
+        Split::Train
+    };
+    let samples = eval::prompts(&data, split, a.count, &exclude);
+    let report = eval::evaluate(&model, &vae, &mut text, &samples, sampler, 9_000, a.batch)?;
+    println!(
+        "{} · {} · {} evaluations/image · {:.3} s/image",
+        report.sampler,
+        report.accuracy,
+        report.sampler.evaluations(),
+        report.seconds_per_image
+    );
+    if let Some(path) = a.sheet {
+        let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
+        pixart_train::sheet::write(&path, &report.images, &captions, 8, 32)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("contact sheet: {}", path.display());
     }
     Ok(())
 }

@@ -1,0 +1,384 @@
+//! Stage 5: the ControlNet-Transformer adapter (PixArt-δ §4) trained on the scenes' edge maps.
+//!
+//! The adapter is the layout inference loads ([`pixart::controlnet::ControlNetAdapter`]): copies of the
+//! first N base blocks, block 0 with a `before_proj`, every block with an `after_proj`, both projections
+//! zero-initialised so that training starts from exactly the base model. The base — the LCD student the
+//! farm samples — is frozen; gradients flow through its later blocks into the adapter (both run in
+//! training mode, the base's variables just never reach the optimiser).
+//!
+//! Loss: ε MSE of the controlled model on noisy latents at uniform timesteps (the base is a consistency
+//! model, but its output is still parametrised as ε and the LCM sampler reads it as such: the adapter
+//! learns to move that ε towards the one the edge map implies). Control images are half the scene's
+//! exact outline, half OpenCV-style Canny (100, 200) of the scene, white on black, encoded by the VAE as
+//! the pipeline encodes a control image.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use image::{Rgb, RgbImage};
+use pixart::config::TransformerConfig;
+use pixart::controlnet::{ControlCondition, ControlNetAdapter, ControlNetConfig};
+use pixart::transformer::PixArtTransformer;
+use pixart::weights::Weights;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::dataset::Sample;
+use crate::lcd::{NoiseSchedule, TRAIN_TIMESTEPS, add_noise};
+use crate::optim::{AdamW, AdamWParams, clip_grad_norm};
+use crate::prep::{LatentPool, Prepared, Text};
+use crate::seed::{self, Stream};
+use crate::stage;
+use crate::teacher::{load_transformer_vars, stage_config};
+use crate::varmap::sorted_vars;
+use crate::{Error, Result};
+
+/// The stage name in checkpoints and errors.
+pub const STAGE: &str = "controlnet";
+/// Canny thresholds of the control images (the farm's `canny` preprocessing takes the same).
+pub const CANNY: (f32, f32) = (100.0, 200.0);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    pub seed: u64,
+    pub image_size: u32,
+    pub dataset_size: u64,
+    /// Copied base blocks (at most the base's layers − 1).
+    pub num_layers: usize,
+    pub batch_size: usize,
+    pub grad_clip: f64,
+    pub optimizer: AdamWParams,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            image_size: 64,
+            dataset_size: 2048,
+            num_layers: 3,
+            batch_size: 32,
+            grad_clip: 1.0,
+            optimizer: AdamWParams {
+                lr: 2e-4,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub out: PathBuf,
+    /// A directory holding transformer/ (the base: the LCD stage's output).
+    pub base: PathBuf,
+    pub vae: PathBuf,
+    pub text: PathBuf,
+    pub steps: u64,
+    pub save_every: u64,
+    pub resume: bool,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f32,
+    pub grad_norm: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdapterRun {
+    pub start_step: u64,
+    pub records: Vec<StepRecord>,
+    pub seconds_per_step: Vec<f64>,
+    pub end_step: u64,
+    pub prepare_seconds: f64,
+    pub controlnet_dir: Option<PathBuf>,
+}
+
+/// The control image of a sample: its exact outline (`canny == false`) or Canny of its picture.
+pub fn control_image(sample: &Sample, side: u32, canny: bool) -> Result<RgbImage> {
+    if canny {
+        return Ok(pixart::control::canny(
+            &sample.scene.render(side),
+            CANNY.0,
+            CANNY.1,
+        )?);
+    }
+    let edges = sample.scene.edges(side);
+    Ok(RgbImage::from_fn(side, side, |x, y| {
+        if edges.get(x, y) {
+            Rgb([255, 255, 255])
+        } else {
+            Rgb([0, 0, 0])
+        }
+    }))
+}
+
+/// A fresh adapter as variables: block k copies base block k, the projections are zero.
+pub fn init_varmap(
+    base: &VarMap,
+    base_config: &TransformerConfig,
+    num_layers: usize,
+    device: &Device,
+) -> Result<VarMap> {
+    if num_layers == 0 || num_layers >= base_config.num_layers {
+        return Err(Error::InvalidInput {
+            field: "num_layers",
+            message: format!(
+                "{num_layers}: must be in 1..{} (the base has {} blocks)",
+                base_config.num_layers, base_config.num_layers
+            ),
+        });
+    }
+    let d = base_config.inner_dim();
+    let varmap = VarMap::new();
+    let base_vars = sorted_vars(base);
+    let mut data = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+    for k in 0..num_layers {
+        let prefix = format!("transformer_blocks.{k}.");
+        for (name, var) in &base_vars {
+            if let Some(rest) = name.strip_prefix(&prefix) {
+                data.insert(
+                    format!("controlnet_blocks.{k}.transformer_block.{rest}"),
+                    Var::from_tensor(&var.as_tensor().detach().copy()?)?,
+                );
+            }
+        }
+        let mut zero = |name: String, dims: &[usize]| -> Result<()> {
+            data.insert(
+                name,
+                Var::from_tensor(&Tensor::zeros(dims, DType::F32, device)?)?,
+            );
+            Ok(())
+        };
+        if k == 0 {
+            zero(format!("controlnet_blocks.{k}.before_proj.weight"), &[d, d])?;
+            zero(format!("controlnet_blocks.{k}.before_proj.bias"), &[d])?;
+        }
+        zero(format!("controlnet_blocks.{k}.after_proj.weight"), &[d, d])?;
+        zero(format!("controlnet_blocks.{k}.after_proj.bias"), &[d])?;
+    }
+    drop(data);
+    Ok(varmap)
+}
+
+/// Encodes the control images of `samples` (alternating outline / Canny by index) with the VAE.
+pub fn control_latents(prep: &Prepared, side: u32) -> Result<Tensor> {
+    let mut chunks = Vec::new();
+    for (c, chunk) in prep.pool.samples.chunks(64).enumerate() {
+        let images = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, s)| {
+                crate::vae::image_to_tensor(
+                    &control_image(s, side, (c * 64 + j) % 2 == 1)?,
+                    &Device::Cpu,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        chunks.push(prep.vae.encode_mean(&Tensor::stack(&images, 0)?)?);
+    }
+    Ok(Tensor::cat(&chunks, 0)?)
+}
+
+/// Trains the adapter into `opts.out/checkpoint`, exporting `opts.out/controlnet`.
+pub fn train(
+    config: &AdapterConfig,
+    opts: &RunOptions,
+    device: &Device,
+    mut on_step: impl FnMut(&StepRecord) -> ControlFlow<()>,
+) -> Result<AdapterRun> {
+    if config.batch_size == 0 || (config.dataset_size as usize) < config.batch_size {
+        return Err(Error::InvalidInput {
+            field: "batch_size",
+            message: format!(
+                "{} must be positive and at most dataset_size {}",
+                config.batch_size, config.dataset_size
+            ),
+        });
+    }
+    stage::preflight(&opts.out, opts.save_every, opts.resume)?;
+    let ckpt = checkpoint::dir(&opts.out);
+    let prep = Prepared::load(
+        &opts.vae,
+        &opts.text,
+        config.image_size,
+        config.seed,
+        config.dataset_size,
+    )?;
+    let controls = control_latents(&prep, config.image_size)?;
+    let latent_shape = prep.latent_shape();
+    let prepare_seconds = prep.seconds;
+    let (pool, mut text) = (&prep.pool, prep.text);
+    let (base_config, base_vars) = load_transformer_vars(&opts.base.join("transformer"), device)?;
+    let base = PixArtTransformer::trainable(base_config.clone(), &base_vars)?;
+    let varmap = init_varmap(&base_vars, &base_config, config.num_layers, device)?;
+    let adapter_config = ControlNetConfig {
+        num_layers: config.num_layers,
+    };
+    let adapter = ControlNetAdapter::new(
+        adapter_config,
+        &base_config,
+        &Weights::from_varmap(&varmap)?,
+    )?;
+    let config_json = stage_config(config, &base_config);
+    let vars = sorted_vars(&varmap);
+    let mut optimizer = AdamW::new(vars.clone(), config.optimizer.clone())?;
+    let mut start = 0;
+    if opts.resume && checkpoint::exists(&ckpt) {
+        let loaded = checkpoint::load(&ckpt, STAGE, &config_json, device)?;
+        checkpoint::restore_varmap(
+            &varmap,
+            &loaded.params,
+            &loaded.dir.join(checkpoint::PARAMS_FILE),
+        )?;
+        optimizer.load_state(
+            &loaded.optimizer,
+            loaded.state.optimizer_steps,
+            &loaded.dir.join(checkpoint::OPTIMIZER_FILE),
+        )?;
+        start = loaded.state.step;
+    }
+    let ac = NoiseSchedule::pixart().alphas_cumprod;
+
+    struct Steps<'a> {
+        config: &'a AdapterConfig,
+        base: &'a PixArtTransformer,
+        adapter: &'a ControlNetAdapter,
+        pool: &'a LatentPool,
+        controls: &'a Tensor,
+        text: &'a mut Text,
+        ac: &'a [f64],
+        vars: &'a [(String, Var)],
+        varmap: &'a VarMap,
+        optimizer: &'a mut AdamW,
+        latent_shape: &'a [usize],
+        ckpt: &'a Path,
+        config_json: &'a serde_json::Value,
+    }
+    impl stage::Trainer for Steps<'_> {
+        type Record = StepRecord;
+        fn step(&mut self, step: u64) -> Result<(StepRecord, f32)> {
+            let device = self.base.device().clone();
+            let mut rng = seed::rng(self.config.seed, step, Stream::Batch);
+            let b = self.config.batch_size;
+            let idx: Vec<u32> = (0..b)
+                .map(|_| rng.random_range(0..self.config.dataset_size as u32))
+                .collect();
+            let t: Vec<usize> = (0..b)
+                .map(|_| rng.random_range(0..TRAIN_TIMESTEPS))
+                .collect();
+            let mut shape = vec![b];
+            shape.extend_from_slice(self.latent_shape);
+            let noise = seed::randn(
+                &mut seed::rng(self.config.seed, step, Stream::Noise),
+                &shape,
+                &device,
+            )?;
+            let index = Tensor::new(idx.as_slice(), &device)?;
+            let x0 = self.pool.latents.index_select(&index, 0)?;
+            let control = self.controls.index_select(&index, 0)?;
+            let x_t = add_noise(
+                &x0,
+                &noise,
+                &t.iter().map(|&i| self.ac[i]).collect::<Vec<_>>(),
+            )?;
+            let prompts: Vec<Option<&str>> = idx
+                .iter()
+                .map(|&i| Some(self.pool.samples[i as usize].caption.as_str()))
+                .collect();
+            let (y, mask) = self.text.batch(&prompts)?;
+            let ts = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), b, &device)?;
+            let cond = ControlCondition {
+                latents: &control,
+                scale: &[1.0],
+            };
+            let out = self
+                .adapter
+                .forward(self.base, &x_t, &ts, &y, Some(&mask), None, &cond)?;
+            let c = x0.dim(1)?;
+            let eps = out.narrow(1, 0, c)?;
+            let loss = (eps - &noise)?.sqr()?.mean_all()?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Ok((
+                    StepRecord {
+                        step: step + 1,
+                        loss: value,
+                        grad_norm: f64::NAN,
+                    },
+                    value,
+                ));
+            }
+            let mut grads = loss.backward()?;
+            let grad_norm = clip_grad_norm(&mut grads, self.vars, self.config.grad_clip)?;
+            self.optimizer.step(&grads)?;
+            Ok((
+                StepRecord {
+                    step: step + 1,
+                    loss: value,
+                    grad_norm,
+                },
+                value,
+            ))
+        }
+        fn save(&mut self, step: u64) -> Result<()> {
+            checkpoint::save(
+                self.ckpt,
+                STAGE,
+                step,
+                self.config_json,
+                self.varmap,
+                self.optimizer,
+            )
+        }
+    }
+    let mut steps = Steps {
+        config,
+        base: &base,
+        adapter: &adapter,
+        pool,
+        controls: &controls,
+        text: &mut text,
+        ac: &ac,
+        vars: &vars,
+        varmap: &varmap,
+        optimizer: &mut optimizer,
+        latent_shape: &latent_shape,
+        ckpt: &ckpt,
+        config_json: &config_json,
+    };
+    let driven = stage::drive(
+        STAGE,
+        &mut steps,
+        start,
+        opts.steps,
+        opts.save_every,
+        opts.progress,
+        &mut on_step,
+    )?;
+    let mut run = AdapterRun {
+        start_step: start,
+        end_step: driven.end_step,
+        records: driven.records,
+        seconds_per_step: driven.seconds_per_step,
+        prepare_seconds,
+        controlnet_dir: None,
+    };
+    if !driven.interrupted {
+        let dir = opts.out.join("controlnet");
+        crate::dit::save_tensors(&varmap, &dir, pixart::controlnet::WEIGHTS_FILE)?;
+        let path = dir.join(pixart::controlnet::CONFIG_FILE);
+        std::fs::write(&path, adapter_config.to_json_string())
+            .map_err(|source| Error::Io { path, source })?;
+        run.controlnet_dir = Some(dir);
+    }
+    Ok(run)
+}

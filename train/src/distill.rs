@@ -1,0 +1,419 @@
+//! Stage 4: Latent Consistency Distillation of the teacher into a 4-step student — PixArt-δ's Algorithm 1
+//! as `train_scripts/train_pixart_lcm.py` runs it, with the numerics of [`crate::lcd`]:
+//!
+//! 1. a DDIM index `n` per sample; `t_start` = the n-th of the 50 solver timesteps (19 … 999), `t_end =
+//!    max(t_start − 20, 0)`; `x_t = add_noise(x0, ε, t_start)`;
+//! 2. the student's consistency output `c_skip(t_start)·x_t + c_out(t_start)·x̂0(student)`;
+//! 3. without gradients: the teacher conditioned and unconditioned, combined in LCM form with w = 4.5
+//!    (not embedded in the student), one DDIM solver step to `x_prev` at `t_end`; the EMA target's
+//!    consistency output there;
+//! 4. pseudo-Huber loss (c = 0.001) between the two; an AdamW step on the student only; the target
+//!    follows by EMA (0.95).
+//!
+//! Student, target and teacher all start from the teacher's weights. The student is exported as a
+//! diffusers `transformer/` (same config as the teacher), which the farm samples with its LCM scheduler.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use pixart::transformer::PixArtTransformer;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::lcd::{self, DDIM_TIMESTEPS, DdimSolver, NoiseSchedule};
+use crate::optim::{AdamW, AdamWParams, clip_grad_norm};
+use crate::prep::{LatentPool, Prepared, Text};
+use crate::seed::{self, Stream};
+use crate::stage;
+use crate::teacher::load_transformer_vars;
+use crate::varmap::{snapshot, sorted_vars};
+use crate::{Error, Result};
+
+/// The stage name in checkpoints and errors.
+pub const STAGE: &str = "lcd";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    pub seed: u64,
+    pub image_size: u32,
+    pub dataset_size: u64,
+    pub batch_size: usize,
+    /// Guidance scale `w` of the LCM-form guided teacher.
+    pub guidance: f64,
+    pub ema_rate: f64,
+    pub huber_c: f64,
+    pub num_ddim_timesteps: usize,
+    pub grad_clip: f64,
+    pub optimizer: AdamWParams,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            image_size: 64,
+            dataset_size: 4096,
+            batch_size: 32,
+            guidance: lcd::GUIDANCE,
+            ema_rate: lcd::EMA_RATE,
+            huber_c: lcd::HUBER_C,
+            num_ddim_timesteps: DDIM_TIMESTEPS,
+            grad_clip: 1.0,
+            optimizer: AdamWParams {
+                lr: 1e-4,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub out: PathBuf,
+    /// The teacher stage's output directory (holding transformer/).
+    pub teacher: PathBuf,
+    pub vae: PathBuf,
+    pub text: PathBuf,
+    pub steps: u64,
+    pub save_every: u64,
+    pub resume: bool,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f32,
+    pub grad_norm: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DistillRun {
+    pub start_step: u64,
+    pub records: Vec<StepRecord>,
+    pub seconds_per_step: Vec<f64>,
+    pub end_step: u64,
+    pub prepare_seconds: f64,
+    pub transformer_dir: Option<PathBuf>,
+}
+
+/// ε̂ (first half of a learned-σ output) at per-row timesteps.
+fn eps(
+    model: &PixArtTransformer,
+    x: &Tensor,
+    t: &[usize],
+    y: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let ts: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+    let ts = Tensor::from_vec(ts, t.len(), x.device())?;
+    let out = model
+        .forward(x, &ts, y, Some(mask), None)?
+        .to_dtype(DType::F32)?;
+    let c = x.dim(1)?;
+    Ok(if out.dim(1)? == 2 * c {
+        out.narrow(1, 0, c)?
+    } else {
+        out
+    })
+}
+
+/// The inputs of one LCD step, drawn from (seed, step).
+pub struct LcdBatch {
+    pub indices: Vec<u32>,
+    /// DDIM index per row.
+    pub ddim: Vec<usize>,
+    pub noise: Tensor,
+}
+
+pub fn draw_batch(
+    config: &DistillConfig,
+    step: u64,
+    latent_shape: &[usize],
+    device: &Device,
+) -> Result<LcdBatch> {
+    let mut rng = seed::rng(config.seed, step, Stream::Batch);
+    let b = config.batch_size;
+    let indices = (0..b)
+        .map(|_| rng.random_range(0..config.dataset_size as u32))
+        .collect();
+    let ddim = (0..b)
+        .map(|_| rng.random_range(0..config.num_ddim_timesteps))
+        .collect();
+    let mut shape = vec![b];
+    shape.extend_from_slice(latent_shape);
+    let noise = seed::randn(
+        &mut seed::rng(config.seed, step, Stream::Noise),
+        &shape,
+        device,
+    )?;
+    Ok(LcdBatch {
+        indices,
+        ddim,
+        noise,
+    })
+}
+
+/// The three networks of one step.
+pub struct Networks<'a> {
+    pub student: &'a PixArtTransformer,
+    pub target: &'a PixArtTransformer,
+    pub teacher: &'a PixArtTransformer,
+}
+
+/// The LCD loss of one batch (a scalar with gradients into the student only).
+pub fn lcd_loss(
+    nets: &Networks<'_>,
+    config: &DistillConfig,
+    solver: &DdimSolver,
+    ac: &[f64],
+    x0: &Tensor,
+    cond: (&Tensor, &Tensor),
+    uncond: (&Tensor, &Tensor),
+    batch: &LcdBatch,
+) -> Result<Tensor> {
+    let (start, end): (Vec<usize>, Vec<usize>) =
+        batch.ddim.iter().map(|&i| solver.start_end(i)).unzip();
+    let ac_start: Vec<f64> = start.iter().map(|&t| ac[t]).collect();
+    let ac_end: Vec<f64> = end.iter().map(|&t| ac[t]).collect();
+    let x_t = lcd::add_noise(x0, &batch.noise, &ac_start)?;
+
+    let student_eps = eps(nets.student, &x_t, &start, cond.0, cond.1)?;
+    let student_x0 = lcd::predict_x0(&x_t, &student_eps, &ac_start)?;
+    let model_pred = lcd::consistency_output(&x_t, &student_x0, &start)?;
+
+    // Guided teacher and one DDIM solver step (no gradients: everything is detached).
+    let x_t_d = x_t.detach();
+    let b = x0.dim(0)?;
+    let l = cond.0.dim(1)?.max(uncond.0.dim(1)?);
+    let pad = |y: &Tensor, m: &Tensor| -> Result<(Tensor, Tensor)> {
+        let n = y.dim(1)?;
+        Ok((
+            y.pad_with_zeros(1, 0, l - n)?,
+            m.pad_with_zeros(1, 0, l - n)?,
+        ))
+    };
+    let (yc, mc) = pad(cond.0, cond.1)?;
+    let (yu, mu) = pad(uncond.0, uncond.1)?;
+    let both_t: Vec<usize> = start.iter().chain(&start).copied().collect();
+    let e2 = eps(
+        nets.teacher,
+        &Tensor::cat(&[&x_t_d, &x_t_d], 0)?,
+        &both_t,
+        &Tensor::cat(&[&yc, &yu], 0)?,
+        &Tensor::cat(&[&mc, &mu], 0)?,
+    )?
+    .detach();
+    let (ec, eu) = (e2.narrow(0, 0, b)?, e2.narrow(0, b, b)?);
+    let x0c = lcd::predict_x0(&x_t_d, &ec, &ac_start)?;
+    let x0u = lcd::predict_x0(&x_t_d, &eu, &ac_start)?;
+    let pred_x0 = lcd::lcm_guidance(&x0c, &x0u, config.guidance)?;
+    let pred_eps = lcd::lcm_guidance(&ec, &eu, config.guidance)?;
+    let x_prev = solver.step(&pred_x0, &pred_eps, &batch.ddim)?.detach();
+
+    let target_eps = eps(nets.target, &x_prev, &end, cond.0, cond.1)?.detach();
+    let target_x0 = lcd::predict_x0(&x_prev, &target_eps, &ac_end)?;
+    let target = lcd::consistency_output(&x_prev, &target_x0, &end)?.detach();
+    lcd::huber_loss(&model_pred, &target, config.huber_c)
+}
+
+/// Distils `opts.teacher/transformer` into `opts.out/transformer`; checkpoints hold the student, its
+/// moments and the EMA target (`target.safetensors` beside the params).
+pub fn train(
+    config: &DistillConfig,
+    opts: &RunOptions,
+    device: &Device,
+    mut on_step: impl FnMut(&StepRecord) -> ControlFlow<()>,
+) -> Result<DistillRun> {
+    if config.batch_size == 0 || (config.dataset_size as usize) < config.batch_size {
+        return Err(Error::InvalidInput {
+            field: "batch_size",
+            message: format!(
+                "{} must be positive and at most dataset_size {}",
+                config.batch_size, config.dataset_size
+            ),
+        });
+    }
+    stage::preflight(&opts.out, opts.save_every, opts.resume)?;
+    let ckpt = checkpoint::dir(&opts.out);
+    let prep = Prepared::load(
+        &opts.vae,
+        &opts.text,
+        config.image_size,
+        config.seed,
+        config.dataset_size,
+    )?;
+    let (latent_shape, prepare_seconds) = (prep.latent_shape(), prep.seconds);
+    let (pool, mut text) = (&prep.pool, prep.text);
+    let teacher_dir = opts.teacher.join("transformer");
+    let (tcfg, student_vars) = load_transformer_vars(&teacher_dir, device)?;
+    let (_, target_vars) = load_transformer_vars(&teacher_dir, device)?;
+    let teacher = PixArtTransformer::load(&teacher_dir, DType::F32, device)?;
+    let config_json = crate::teacher::stage_config(config, &tcfg);
+    let student = PixArtTransformer::trainable(tcfg.clone(), &student_vars)?;
+    let target = PixArtTransformer::trainable(tcfg.clone(), &target_vars)?;
+    let vars = sorted_vars(&student_vars);
+    let target_list: Vec<_> = sorted_vars(&target_vars)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let source_list: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut optimizer = AdamW::new(vars.clone(), config.optimizer.clone())?;
+    let mut start = 0;
+    const TARGET_FILE: &str = "target.safetensors";
+    if opts.resume && checkpoint::exists(&ckpt) {
+        let loaded = checkpoint::load(&ckpt, STAGE, &config_json, device)?;
+        checkpoint::restore_varmap(
+            &student_vars,
+            &loaded.params,
+            &loaded.dir.join(checkpoint::PARAMS_FILE),
+        )?;
+        optimizer.load_state(
+            &loaded.optimizer,
+            loaded.state.optimizer_steps,
+            &loaded.dir.join(checkpoint::OPTIMIZER_FILE),
+        )?;
+        let path = loaded.dir.join(TARGET_FILE);
+        let saved =
+            candle_core::safetensors::load(&path, device).map_err(|e| Error::Checkpoint {
+                path: path.clone(),
+                field: "target".into(),
+                message: e.to_string(),
+            })?;
+        checkpoint::restore_varmap(&target_vars, &saved, &path)?;
+        start = loaded.state.step;
+    }
+    let solver = DdimSolver::new(&NoiseSchedule::pixart(), config.num_ddim_timesteps)?;
+    let ac = NoiseSchedule::pixart().alphas_cumprod;
+    let nets = Networks {
+        student: &student,
+        target: &target,
+        teacher: &teacher,
+    };
+
+    struct Steps<'a> {
+        config: &'a DistillConfig,
+        nets: Networks<'a>,
+        solver: &'a DdimSolver,
+        ac: &'a [f64],
+        pool: &'a LatentPool,
+        text: &'a mut Text,
+        vars: &'a [(String, candle_core::Var)],
+        source: &'a [candle_core::Var],
+        target: &'a [candle_core::Var],
+        student_vars: &'a candle_nn::VarMap,
+        target_vars: &'a candle_nn::VarMap,
+        optimizer: &'a mut AdamW,
+        latent_shape: &'a [usize],
+        ckpt: &'a std::path::Path,
+        config_json: &'a serde_json::Value,
+    }
+    impl stage::Trainer for Steps<'_> {
+        type Record = StepRecord;
+        fn step(&mut self, step: u64) -> Result<(StepRecord, f32)> {
+            let device = self.nets.student.device().clone();
+            let batch = draw_batch(self.config, step, self.latent_shape, &device)?;
+            let x0 = self
+                .pool
+                .latents
+                .index_select(&Tensor::new(batch.indices.as_slice(), &device)?, 0)?;
+            let prompts: Vec<Option<&str>> = batch
+                .indices
+                .iter()
+                .map(|&i| Some(self.pool.samples[i as usize].caption.as_str()))
+                .collect();
+            let (y, mask) = self.text.batch(&prompts)?;
+            let (yu, mu) = self.text.batch(&vec![None; prompts.len()])?;
+            let loss = lcd_loss(
+                &self.nets,
+                self.config,
+                self.solver,
+                self.ac,
+                &x0,
+                (&y, &mask),
+                (&yu, &mu),
+                &batch,
+            )?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Ok((
+                    StepRecord {
+                        step: step + 1,
+                        loss: value,
+                        grad_norm: f64::NAN,
+                    },
+                    value,
+                ));
+            }
+            let mut grads = loss.backward()?;
+            let grad_norm = clip_grad_norm(&mut grads, self.vars, self.config.grad_clip)?;
+            self.optimizer.step(&grads)?;
+            lcd::ema_update(self.target, self.source, self.config.ema_rate)?;
+            Ok((
+                StepRecord {
+                    step: step + 1,
+                    loss: value,
+                    grad_norm,
+                },
+                value,
+            ))
+        }
+        fn save(&mut self, step: u64) -> Result<()> {
+            let target = snapshot(self.target_vars)?;
+            checkpoint::save_with(
+                self.ckpt,
+                STAGE,
+                step,
+                self.config_json,
+                self.student_vars,
+                self.optimizer,
+                &[(TARGET_FILE, target)],
+            )
+        }
+    }
+    let mut steps = Steps {
+        config,
+        nets,
+        solver: &solver,
+        ac: &ac,
+        pool,
+        text: &mut text,
+        vars: &vars,
+        source: &source_list,
+        target: &target_list,
+        student_vars: &student_vars,
+        target_vars: &target_vars,
+        optimizer: &mut optimizer,
+        latent_shape: &latent_shape,
+        ckpt: &ckpt,
+        config_json: &config_json,
+    };
+    let driven = stage::drive(
+        STAGE,
+        &mut steps,
+        start,
+        opts.steps,
+        opts.save_every,
+        opts.progress,
+        &mut on_step,
+    )?;
+    let mut run = DistillRun {
+        start_step: start,
+        end_step: driven.end_step,
+        records: driven.records,
+        seconds_per_step: driven.seconds_per_step,
+        prepare_seconds,
+        transformer_dir: None,
+    };
+    if driven.interrupted {
+        return Ok(run);
+    }
+    let dir = opts.out.join("transformer");
+    crate::dit::export(&student_vars, &tcfg, &dir)?;
+    run.transformer_dir = Some(dir);
+    Ok(run)
+}

@@ -1,0 +1,245 @@
+//! Prompt accuracy of a trained model: render prompts the model never saw, read each image back with the
+//! analyser ([`crate::analyse`]), score per attribute ([`crate::metrics::PromptAccuracy`]), and time it.
+//!
+//! The prompts come from the dataset at a *different* seed (new scenes and paraphrases), minus every
+//! caption that occurs in the training pool, or from the held-out (colour, shape) split. The initial noise
+//! of prompt `i` is [`SeededNoise`] seed `noise_seed + i`, as the farm draws it, so teacher and student are
+//! compared on the same noise.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use pixart::scheduler::SeededNoise;
+use pixart::transformer::PixArtTransformer;
+use pixart::vae::Vae;
+
+use crate::Result;
+use crate::analyse::analyse;
+use crate::dataset::{DatasetConfig, Sample, Split};
+use crate::metrics::PromptAccuracy;
+use crate::prep::Text;
+use crate::sample;
+
+/// How images are sampled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampler {
+    /// The teacher: DDIM with `steps` steps and guidance `cfg` (two evaluations per step).
+    Ddim { steps: usize, cfg: f64 },
+    /// The student (or any model) with the farm's LCM sampler.
+    Lcm { steps: usize },
+}
+
+impl Sampler {
+    /// Transformer evaluations per image.
+    pub fn evaluations(&self) -> usize {
+        match self {
+            Sampler::Ddim { steps, .. } => 2 * steps,
+            Sampler::Lcm { steps } => *steps,
+        }
+    }
+}
+
+impl std::fmt::Display for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sampler::Ddim { steps, cfg } => write!(f, "DDIM {steps} steps, CFG {cfg}"),
+            Sampler::Lcm { steps } => write!(f, "LCM {steps} steps"),
+        }
+    }
+}
+
+/// `count` evaluation prompts of `split`: for [`Split::Train`], scenes of seed `seed` whose caption is not
+/// in `exclude` (the training captions); for [`Split::HeldOut`], the held-out combinations.
+pub fn prompts(
+    data: &DatasetConfig,
+    split: Split,
+    count: usize,
+    exclude: &HashSet<String>,
+) -> Vec<Sample> {
+    let mut out = Vec::with_capacity(count);
+    let mut i = 0u64;
+    while out.len() < count {
+        let s = data.sample(split, i);
+        i += 1;
+        if !exclude.contains(&s.caption) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// What an evaluation measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub sampler: Sampler,
+    pub accuracy: PromptAccuracy,
+    /// Wall seconds per image (sampling + decoding), for the whole run divided by the images.
+    pub seconds_per_image: f64,
+    /// The rendered images, in prompt order.
+    pub images: Vec<RgbImage>,
+}
+
+/// Renders every prompt with `sampler`, `batch` at a time, and scores the images.
+pub fn evaluate(
+    model: &PixArtTransformer,
+    vae: &Vae,
+    text: &mut Text,
+    samples: &[Sample],
+    sampler: Sampler,
+    noise_seed: u64,
+    batch: usize,
+) -> Result<Report> {
+    let latent_c = model.config.in_channels;
+    let side = model.config.sample_size;
+    let t0 = Instant::now();
+    let mut accuracy = PromptAccuracy::default();
+    let mut images = Vec::with_capacity(samples.len());
+    for (chunk_index, chunk) in samples.chunks(batch.max(1)).enumerate() {
+        let base = chunk_index * batch.max(1);
+        let noise = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, _)| {
+                SeededNoise::new(noise_seed + (base + j) as u64)
+                    .next_tensor(&[1, latent_c, side, side], &Device::Cpu)
+            })
+            .collect::<pixart::Result<Vec<_>>>()?;
+        let x = Tensor::cat(&noise, 0)?;
+        let prompts: Vec<Option<&str>> = chunk.iter().map(|s| Some(s.caption.as_str())).collect();
+        let (y, mask) = text.batch(&prompts)?;
+        let latents = match sampler {
+            Sampler::Ddim { steps, cfg } => {
+                let (yu, mu) = text.batch(&vec![None; chunk.len()])?;
+                sample::ddim_cfg(model, &x, (&y, &mask), (&yu, &mu), steps, cfg)?
+            }
+            Sampler::Lcm { steps } => sample::lcm(
+                model,
+                &x,
+                &y,
+                &mask,
+                steps,
+                noise_seed ^ (base as u64 + 1) << 20,
+            )?,
+        };
+        for (s, image) in chunk.iter().zip(sample::decode(vae, &latents)?) {
+            let read = analyse(&image).map(|a| a.attributes);
+            accuracy.add(&s.scene.attributes, read.as_ref());
+            images.push(image);
+        }
+    }
+    Ok(Report {
+        sampler,
+        accuracy,
+        seconds_per_image: t0.elapsed().as_secs_f64() / samples.len().max(1) as f64,
+        images,
+    })
+}
+
+/// What an edge-alignment evaluation measured.
+#[derive(Debug, Clone)]
+pub struct EdgeReport {
+    /// The adapter's scale (`None`: no adapter loaded at all).
+    pub scale: Option<f32>,
+    /// Mean F1 (2-pixel tolerance) between each control outline and the Canny edges of its image.
+    pub f1: f64,
+    pub accuracy: PromptAccuracy,
+    pub seconds_per_image: f64,
+    pub images: Vec<RgbImage>,
+}
+
+/// Renders every sample with its exact outline as the control image (LCM, `steps` steps) and scores edge
+/// alignment and prompt accuracy. `adapter` `None` renders without any adapter.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_edges(
+    model: &PixArtTransformer,
+    adapter: Option<(&pixart::controlnet::ControlNetAdapter, f32)>,
+    vae: &Vae,
+    text: &mut Text,
+    samples: &[Sample],
+    steps: usize,
+    noise_seed: u64,
+    batch: usize,
+) -> Result<EdgeReport> {
+    use crate::edges::EdgeMap;
+    use crate::metrics::edge_f1;
+    use pixart::pipeline::{Control, TimestepSpacing, sample_lcm_controlled};
+    use pixart::scheduler::{LcmScheduler, LcmSchedulerConfig};
+
+    let latent_c = model.config.in_channels;
+    let side = model.config.sample_size;
+    let pixels = (side * 8) as u32;
+    let sched = LcmScheduler::new(
+        &LcmSchedulerConfig::pixart_lcm(),
+        steps,
+        TimestepSpacing::Diffusers,
+    )?;
+    let t0 = Instant::now();
+    let mut accuracy = PromptAccuracy::default();
+    let mut f1 = 0.0;
+    let mut images = Vec::with_capacity(samples.len());
+    for (chunk_index, chunk) in samples.chunks(batch.max(1)).enumerate() {
+        let base = chunk_index * batch.max(1);
+        let noise = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, _)| {
+                SeededNoise::new(noise_seed + (base + j) as u64)
+                    .next_tensor(&[1, latent_c, side, side], &Device::Cpu)
+            })
+            .collect::<pixart::Result<Vec<_>>>()?;
+        let x = Tensor::cat(&noise, 0)?;
+        let prompts: Vec<Option<&str>> = chunk.iter().map(|s| Some(s.caption.as_str())).collect();
+        let (y, mask) = text.batch(&prompts)?;
+        let controls = chunk
+            .iter()
+            .map(|s| {
+                crate::vae::image_to_tensor(
+                    &crate::adapter::control_image(s, pixels, false)?,
+                    &Device::Cpu,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let control = vae.encode_mean(&Tensor::stack(&controls, 0)?)?;
+        let scales = adapter
+            .map(|(_, s)| vec![s; chunk.len()])
+            .unwrap_or_default();
+        let cond = pixart::controlnet::ControlCondition {
+            latents: &control,
+            scale: &scales,
+        };
+        let mut rng = SeededNoise::new(noise_seed ^ ((base as u64 + 1) << 20));
+        let shape = x.dims().to_vec();
+        let mut step_noise = |_: usize| rng.next_tensor(&shape, &Device::Cpu);
+        let latents = sample_lcm_controlled(
+            model,
+            adapter.map(|(a, _)| (a, &cond)),
+            &sched,
+            &x,
+            &y,
+            &mask,
+            None,
+            &mut step_noise,
+            &mut |_| Control::Continue,
+        )?;
+        for (s, image) in chunk.iter().zip(sample::decode(vae, &latents)?) {
+            let read = analyse(&image).map(|a| a.attributes);
+            accuracy.add(&s.scene.attributes, read.as_ref());
+            let edges = pixart::control::canny_gray(
+                &pixart::control::to_gray_opencv(&image),
+                crate::adapter::CANNY.0,
+                crate::adapter::CANNY.1,
+            )?;
+            f1 += edge_f1(&EdgeMap::from_gray(&edges, 128), &s.scene.edges(pixels), 2).f1;
+            images.push(image);
+        }
+    }
+    Ok(EdgeReport {
+        scale: adapter.map(|(_, s)| s),
+        f1: f1 / samples.len().max(1) as f64,
+        accuracy,
+        seconds_per_image: t0.elapsed().as_secs_f64() / samples.len().max(1) as f64,
+        images,
+    })
+}

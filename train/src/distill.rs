@@ -166,6 +166,7 @@ pub struct Networks<'a> {
 }
 
 /// The LCD loss of one batch (a scalar with gradients into the student only).
+#[allow(clippy::too_many_arguments)]
 pub fn lcd_loss(
     nets: &Networks<'_>,
     config: &DistillConfig,

@@ -243,3 +243,23 @@ pub fn evaluate_edges(
         images,
     })
 }
+
+/// The analyser's accuracy on the VAE's reconstructions (encode → mean → decode) of `samples`' own
+/// pictures: the ceiling any diffusion model decoded by this VAE can reach.
+pub fn vae_round_trip(vae: &Vae, samples: &[Sample], side: u32) -> Result<PromptAccuracy> {
+    let mut accuracy = PromptAccuracy::default();
+    for chunk in samples.chunks(32) {
+        let images = chunk
+            .iter()
+            .map(|s| crate::vae::image_to_tensor(&s.scene.render(side), &Device::Cpu))
+            .collect::<Result<Vec<_>>>()?;
+        let z = vae.encode_mean(&Tensor::stack(&images, 0)?)?;
+        for (s, image) in chunk.iter().zip(sample::decode(vae, &z)?) {
+            accuracy.add(
+                &s.scene.attributes,
+                analyse(&image).map(|a| a.attributes).as_ref(),
+            );
+        }
+    }
+    Ok(accuracy)
+}

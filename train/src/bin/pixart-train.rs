@@ -748,6 +748,16 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         let mut rows = Vec::new();
+        let round_trip = eval::vae_round_trip(
+            &vae_model,
+            &eval::prompts(&data, Split::Train, count, &exclude),
+            64,
+        )?;
+        println!("VAE round trip (the ceiling) · {round_trip}");
+        report["vae_round_trip"] = serde_json::json!({
+            "n": round_trip.total, "colour": round_trip.colour_rate(), "shape": round_trip.shape_rate(),
+            "size": round_trip.size_rate(), "position": round_trip.position_rate(), "all": round_trip.all_rate(),
+        });
         for (split, name) in [
             (Split::Train, "unseen prompts"),
             (Split::HeldOut, "held-out combinations"),

@@ -1,0 +1,383 @@
+//! The diffusion stages (teacher, LCD, ControlNet) on tiny configs: real training steps on the bundled
+//! random VAE and a freshly built text side, seconds each.
+//!
+//! * the teacher: every parameter moves (the zero-initialised output layers open the path to the rest),
+//!   and a run interrupted after step 3 resumes from its step-2 checkpoint to exactly the weights of the
+//!   uninterrupted run;
+//! * LCD: trains the student only (the teacher's files are untouched), the EMA target moves between them;
+//! * the adapter starts as exactly the base model (zero projections) and after training changes it;
+//! * `pixart-train all --smoke` runs the whole chain and its packaged model renders in the farm's own
+//!   pipeline, with and without an edge map;
+//! * bad inputs: a missing VAE directory, another stage's checkpoint — errors naming the path or field.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use pixart_train::adapter::{self, AdapterConfig};
+use pixart_train::distill::{self, DistillConfig};
+use pixart_train::teacher::{self, TeacherConfig};
+use pixart_train::text::{self, TextConfig};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The bundled random model: its `vae/` stands in for the VAE stage.
+fn vae_dir() -> PathBuf {
+    root().join("models/tiny-pixart-lcm")
+}
+
+fn text_dir(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("text");
+    text::build(
+        &TextConfig {
+            d_model: 16,
+            ..Default::default()
+        },
+        &dir,
+    )
+    .unwrap();
+    dir
+}
+
+fn tiny_teacher() -> TeacherConfig {
+    let mut c = TeacherConfig {
+        dataset_size: 16,
+        batch_size: 4,
+        num_layers: 2,
+        num_attention_heads: 2,
+        attention_head_dim: 8,
+        ..Default::default()
+    };
+    c.optimizer.weight_decay = 0.0;
+    c
+}
+
+fn teacher_opts(out: &Path, text: &Path, steps: u64) -> teacher::RunOptions {
+    teacher::RunOptions {
+        out: out.to_path_buf(),
+        vae: vae_dir(),
+        text: text.to_path_buf(),
+        steps,
+        save_every: 2,
+        resume: false,
+        progress: false,
+    }
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn weights(dir: &Path) -> HashMap<String, Tensor> {
+    load(&dir.join("transformer/diffusion_pytorch_model.safetensors"))
+}
+
+#[test]
+fn the_teacher_trains_every_parameter_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = text_dir(tmp.path());
+    let config = tiny_teacher();
+    let full = tmp.path().join("full");
+    let run = teacher::train(
+        &config,
+        &teacher_opts(&full, &text, 4),
+        &Device::Cpu,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert!(
+        run.records
+            .iter()
+            .all(|r| r.loss.is_finite() && r.vb.is_finite())
+    );
+    let trained = weights(&full);
+
+    // Every parameter moved away from its initialisation (weight decay is off, so only gradients move it).
+    let tcfg =
+        pixart::config::TransformerConfig::from_file(full.join("transformer/config.json")).unwrap();
+    let init = pixart_train::dit::init_varmap(&tcfg, config.seed, &Device::Cpu).unwrap();
+    for (name, var) in pixart_train::varmap::sorted_vars(&init) {
+        let d = max_diff(var.as_tensor(), &trained[&name]);
+        assert!(d > 0.0, "`{name}` never changed: no gradient reaches it");
+    }
+
+    // Interrupted after step 3 (checkpoint at step 2), then resumed to 4.
+    let cut = tmp.path().join("cut");
+    let stopped = teacher::train(&config, &teacher_opts(&cut, &text, 4), &Device::Cpu, |r| {
+        if r.step == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!(stopped.end_step, 3);
+    assert!(stopped.transformer_dir.is_none());
+    let again = teacher::train(&config, &teacher_opts(&cut, &text, 4), &Device::Cpu, |_| {
+        ControlFlow::Continue(())
+    });
+    let err = again.unwrap_err().to_string();
+    assert!(
+        err.contains("--resume") && err.contains("state.json"),
+        "{err}"
+    );
+    let mut opts = teacher_opts(&cut, &text, 4);
+    opts.resume = true;
+    let resumed =
+        teacher::train(&config, &opts, &Device::Cpu, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(resumed.start_step, 2, "resumes from the last save");
+    let b = weights(&cut);
+    for (name, t) in &trained {
+        assert_eq!(
+            max_diff(t, &b[name]),
+            0.0,
+            "`{name}` differs after the resume"
+        );
+    }
+
+    // A resume with another config names the field.
+    let mut other = config.clone();
+    other.optimizer.lr *= 2.0;
+    let err = teacher::train(&other, &opts, &Device::Cpu, |_| ControlFlow::Continue(()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lr"), "{err}");
+}
+
+#[test]
+fn lcd_trains_the_student_and_the_ema_target_follows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = text_dir(tmp.path());
+    let teacher_out = tmp.path().join("teacher");
+    teacher::train(
+        &tiny_teacher(),
+        &teacher_opts(&teacher_out, &text, 2),
+        &Device::Cpu,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    let teacher_before = weights(&teacher_out);
+
+    let config = DistillConfig {
+        dataset_size: 16,
+        batch_size: 4,
+        ..Default::default()
+    };
+    let out = tmp.path().join("lcd");
+    let opts = distill::RunOptions {
+        out: out.clone(),
+        teacher: teacher_out.clone(),
+        vae: vae_dir(),
+        text: text.clone(),
+        steps: 3,
+        save_every: 10,
+        resume: false,
+        progress: false,
+    };
+    let run = distill::train(&config, &opts, &Device::Cpu, |_| ControlFlow::Continue(())).unwrap();
+    assert!(
+        run.records
+            .iter()
+            .all(|r| r.loss.is_finite() && r.loss >= 0.0)
+    );
+    let student = weights(&out);
+    let target = load(&out.join("checkpoint/target.safetensors"));
+    for (name, t) in weights(&teacher_out) {
+        assert_eq!(
+            max_diff(&t, &teacher_before[&name]),
+            0.0,
+            "the teacher changed: `{name}`"
+        );
+    }
+    let moved = |a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>| {
+        a.iter().any(|(n, t)| max_diff(t, &b[n]) > 0.0)
+    };
+    assert!(
+        moved(&student, &teacher_before),
+        "the student did not train"
+    );
+    assert!(moved(&target, &teacher_before), "the target did not follow");
+    assert!(moved(&target, &student), "the target is not an average");
+
+    // The LCD checkpoint is not a teacher checkpoint.
+    let mut wrong = teacher_opts(&out, &text, 4);
+    wrong.resume = true;
+    let err = teacher::train(&tiny_teacher(), &wrong, &Device::Cpu, |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("stage"), "{err}");
+}
+
+#[test]
+fn the_adapter_starts_as_the_base_and_learns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = text_dir(tmp.path());
+    let base = tmp.path().join("base");
+    let mut tc = tiny_teacher();
+    tc.num_layers = 3;
+    teacher::train(&tc, &teacher_opts(&base, &text, 2), &Device::Cpu, |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let dev = Device::Cpu;
+    let (cfg, base_vars) = teacher::load_transformer_vars(&base.join("transformer"), &dev).unwrap();
+    let adapter_vars = adapter::init_varmap(&base_vars, &cfg, 2, &dev).unwrap();
+    let model =
+        pixart::transformer::PixArtTransformer::load(base.join("transformer"), DType::F32, &dev)
+            .unwrap();
+    let fresh = pixart::controlnet::ControlNetAdapter::new(
+        pixart::controlnet::ControlNetConfig { num_layers: 2 },
+        &cfg,
+        &pixart::weights::Weights::from_varmap(&adapter_vars).unwrap(),
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+    let c = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+    let y = Tensor::randn(0f32, 1.0, (2, 3, cfg.caption_channels), &dev).unwrap();
+    let t = Tensor::new(&[300f32, 700.0], &dev).unwrap();
+    let cond = pixart::controlnet::ControlCondition {
+        latents: &c,
+        scale: &[1.0],
+    };
+    let plain = model.forward(&x, &t, &y, None, None).unwrap();
+    let with = fresh
+        .forward(&model, &x, &t, &y, None, None, &cond)
+        .unwrap();
+    assert!(
+        max_diff(&plain, &with) < 1e-6,
+        "a fresh adapter must not change the base"
+    );
+    assert!(
+        pixart_train::adapter::init_varmap(&base_vars, &cfg, 3, &dev).is_err(),
+        "3 of 3 blocks do not fit"
+    );
+
+    let out = tmp.path().join("cn");
+    let config = AdapterConfig {
+        dataset_size: 16,
+        batch_size: 4,
+        num_layers: 2,
+        ..Default::default()
+    };
+    let opts = adapter::RunOptions {
+        out: out.clone(),
+        base: base.clone(),
+        vae: vae_dir(),
+        text,
+        steps: 3,
+        save_every: 10,
+        resume: false,
+        progress: false,
+    };
+    adapter::train(&config, &opts, &dev, |_| ControlFlow::Continue(())).unwrap();
+    let trained =
+        pixart::controlnet::ControlNetAdapter::load(out.join("controlnet"), &cfg, DType::F32, &dev)
+            .unwrap();
+    let after = trained
+        .forward(&model, &x, &t, &y, None, None, &cond)
+        .unwrap();
+    assert!(
+        max_diff(&plain, &after) > 0.0,
+        "training did not change the adapter's effect"
+    );
+}
+
+#[test]
+fn a_missing_vae_directory_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = text_dir(tmp.path());
+    let mut opts = teacher_opts(&tmp.path().join("t"), &text, 1);
+    opts.vae = tmp.path().join("nowhere");
+    let err = teacher::train(&tiny_teacher(), &opts, &Device::Cpu, |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("nowhere"), "{err}");
+}
+
+/// The one-command chain at smoke sizes, and its model in the farm's pipeline.
+#[test]
+fn the_whole_chain_runs_and_its_model_renders_in_the_farm_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("all");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_pixart-train"))
+        .args(["all", "--smoke", "--eval-count", "4", "--out"])
+        .arg(&out)
+        .env("RAYON_NUM_THREADS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["accuracy"].as_array().map(Vec::len),
+        Some(6),
+        "{report}"
+    );
+    assert_eq!(
+        report["edges"].as_array().map(Vec::len),
+        Some(3),
+        "{report}"
+    );
+    assert!(out.join("sheet.png").exists() && out.join("sheet.txt").exists());
+
+    use pixart::pipeline::{
+        ControlInput, ModelSource, Pipeline, PipelineOptions, RenderItem, RenderRequest,
+    };
+    let model = out.join("model");
+    let mut pipe = Pipeline::load(
+        &ModelSource::Dir(model.clone()),
+        PipelineOptions {
+            controlnet: Some(model.join("controlnet")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let edge = pixart_train::dataset::DatasetConfig::default()
+        .sample(pixart_train::dataset::Split::Train, 0);
+    let edge_map = adapter::control_image(&edge, 64, false).unwrap();
+    let req = RenderRequest {
+        width: 64,
+        height: 64,
+        steps: 4,
+        items: vec![
+            RenderItem {
+                prompt: edge.caption.clone(),
+                seed: 1,
+                control: None,
+            },
+            RenderItem {
+                prompt: edge.caption,
+                seed: 1,
+                control: Some(ControlInput {
+                    edge_map,
+                    scale: 1.0,
+                }),
+            },
+        ],
+    };
+    let images = pipe
+        .render(&req, &mut |_| pixart::pipeline::Control::Continue)
+        .unwrap();
+    assert_eq!(images.len(), 2);
+    assert_eq!(images[0].image.dimensions(), (64, 64));
+}

@@ -6,7 +6,8 @@
 //! farm samples — is frozen; gradients flow through its later blocks into the adapter (both run in
 //! training mode, the base's variables just never reach the optimiser).
 //!
-//! Loss: ε MSE of the controlled model on noisy latents at uniform timesteps (the base is a consistency
+//! Loss: ε MSE of the controlled model, weighted by 1/ᾱ_t as the teacher's (the v-prediction MSE), on noisy
+//! latents at uniform timesteps (the base is a consistency
 //! model, but its output is still parametrised as ε and the LCM sampler reads it as such: the adapter
 //! learns to move that ε towards the one the edge map implies). Control images are half the scene's
 //! exact outline, half OpenCV-style Canny (100, 200) of the scene, white on black, encoded by the VAE as
@@ -305,7 +306,10 @@ pub fn train(
                 .forward(self.base, &x_t, &ts, &y, Some(&mask), None, &cond)?;
             let c = x0.dim(1)?;
             let eps = out.narrow(1, 0, c)?;
-            let loss = (eps - &noise)?.sqr()?.mean_all()?;
+            // v-prediction weighting, as the teacher's default (the layout is decided at high noise).
+            let w: Vec<f32> = t.iter().map(|&i| (1.0 / self.ac[i]) as f32).collect();
+            let rows = (eps - &noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+            let loss = (rows * Tensor::from_vec(w, b, &device)?)?.mean_all()?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Ok((

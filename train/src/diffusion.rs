@@ -7,12 +7,27 @@
 //! sees ε̂ *detached* (`frozen_out`), so it trains only v, and is the KL between the true posterior
 //! q(x_{t−1} | x_t, x_0) and the model's, in bits per dimension; at t = 0 it is the discretised Gaussian
 //! decoder NLL instead. Per sample both terms are means over the sample's elements; the loss is the
-//! batch mean of their sum. Checked against the IDDPM formulas in PyTorch in `tests/teacher_golden.rs`.
+//! batch mean of their sum ([`MseWeighting::Pixart`]; [`MseWeighting::Velocity`] reweights the MSE for
+//! short runs). Checked against the IDDPM formulas in PyTorch in `tests/teacher_golden.rs`.
 
 use candle_core::{D, Tensor};
 
 use crate::lcd::{NoiseSchedule, per_row};
 use crate::{Error, Result};
+
+/// How the ε MSE of each sample is weighted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MseWeighting {
+    /// PixArt-α's: every timestep alike (in x0 terms, weight SNR(t): the high-noise steps, where the
+    /// caption decides the layout, get almost no signal).
+    #[default]
+    Pixart,
+    /// `1 / ᾱ_t`, which makes the term the v-prediction MSE (`|v − v̂|² = |ε − ε̂|² / ᾱ_t`) with the
+    /// model still predicting ε: the high-noise steps weigh as much as the rest. For short toy-scale
+    /// runs, where the plain loss leaves the layout unlearnt.
+    Velocity,
+}
 
 /// The schedule's derived per-timestep constants (f64, as IDDPM keeps them).
 #[derive(Debug, Clone)]
@@ -117,6 +132,7 @@ pub fn teacher_loss(
     noise: &Tensor,
     out: &Tensor,
     t: &[usize],
+    weighting: MseWeighting,
 ) -> Result<TeacherLoss> {
     let c = x0.dim(1)?;
     if out.dim(1)? != 2 * c {
@@ -132,6 +148,16 @@ pub fn teacher_loss(
     let eps = out.narrow(1, 0, c)?;
     let v = out.narrow(1, c, c)?;
     let mse_rows = mean_flat(&(&eps - noise)?.sqr()?)?;
+    let mse_rows = match weighting {
+        MseWeighting::Pixart => mse_rows,
+        MseWeighting::Velocity => {
+            let w: Vec<f32> = t
+                .iter()
+                .map(|&i| (1.0 / post.alphas_cumprod[i]) as f32)
+                .collect();
+            (mse_rows * Tensor::from_vec(w, t.len(), x0.device())?)?
+        }
+    };
 
     // The bound, with ε̂ frozen.
     let eps_frozen = eps.detach();

@@ -17,7 +17,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
-use crate::diffusion::{Posterior, teacher_loss};
+use crate::diffusion::{MseWeighting, Posterior, teacher_loss};
 use crate::lcd::{NoiseSchedule, TRAIN_TIMESTEPS, add_noise};
 use crate::optim::{AdamW, AdamWParams, clip_grad_norm};
 use crate::prep::{LatentPool, Prepared, Text};
@@ -44,6 +44,8 @@ pub struct TeacherConfig {
     pub batch_size: usize,
     /// Probability that a sample's caption is replaced by the empty prompt.
     pub caption_dropout: f64,
+    /// Weighting of the ε MSE over timesteps (PixArt's plain loss, or v-prediction's).
+    pub mse_weighting: MseWeighting,
     pub grad_clip: f64,
     pub optimizer: AdamWParams,
 }
@@ -60,6 +62,7 @@ impl Default for TeacherConfig {
             patch_size: 2,
             batch_size: 64,
             caption_dropout: 0.1,
+            mse_weighting: MseWeighting::Velocity,
             grad_clip: 1.0,
             optimizer: AdamWParams {
                 lr: 3e-4,
@@ -215,6 +218,7 @@ pub fn draw_batch(
 
 /// The loss of one batch (shared with the tests).
 pub fn batch_loss(
+    config: &TeacherConfig,
     model: &PixArtTransformer,
     post: &Posterior,
     pool: &LatentPool,
@@ -243,7 +247,15 @@ pub fn batch_loss(
     let out = model
         .forward(&x_t, &t, &y, Some(&mask), None)?
         .to_dtype(DType::F32)?;
-    teacher_loss(post, &x0, &x_t, &batch.noise, &out, &batch.timesteps)
+    teacher_loss(
+        post,
+        &x0,
+        &x_t,
+        &batch.noise,
+        &out,
+        &batch.timesteps,
+        config.mse_weighting,
+    )
 }
 
 /// Trains the teacher into `opts.out/checkpoint`, exporting `opts.out/transformer`. `on_step` as in
@@ -308,7 +320,14 @@ pub fn train(
         fn step(&mut self, step: u64) -> Result<(StepRecord, f32)> {
             let device = self.model.device().clone();
             let batch = draw_batch(self.config, step, self.latent_shape, &device)?;
-            let loss = batch_loss(self.model, self.post, self.pool, self.text, &batch)?;
+            let loss = batch_loss(
+                self.config,
+                self.model,
+                self.post,
+                self.pool,
+                self.text,
+                &batch,
+            )?;
             let value = loss.total.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Ok((

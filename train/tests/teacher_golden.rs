@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
-use pixart_train::diffusion::{Posterior, teacher_loss};
+use pixart_train::diffusion::{MseWeighting, Posterior, teacher_loss};
 use pixart_train::lcd::NoiseSchedule;
 
 fn fixture() -> std::collections::HashMap<String, Tensor> {
@@ -61,7 +61,16 @@ fn teacher_loss_matches_iddpm() {
     .unwrap();
     assert!(max_rel(&x_t, &f["x_t"]) < 1e-5, "x_t");
     let out = Var::from_tensor(&f["model_output"]).unwrap();
-    let loss = teacher_loss(&post, &f["x0"], &x_t, &f["noise"], out.as_tensor(), &t).unwrap();
+    let loss = teacher_loss(
+        &post,
+        &f["x0"],
+        &x_t,
+        &f["noise"],
+        out.as_tensor(),
+        &t,
+        MseWeighting::Pixart,
+    )
+    .unwrap();
     let want_mse = f["mse"].mean_all().unwrap();
     let want_vb = f["vb"].mean_all().unwrap();
     assert!(
@@ -83,4 +92,31 @@ fn teacher_loss_matches_iddpm() {
         .expect("gradient of the model output");
     let rel = max_rel(g, &f["grad"]);
     assert!(rel < 1e-4, "gradient differs by {rel} (relative)");
+
+    // The v weighting scales each sample's MSE by 1/ᾱ_t and leaves the bound alone.
+    let v = teacher_loss(
+        &post,
+        &f["x0"],
+        &x_t,
+        &f["noise"],
+        out.as_tensor(),
+        &t,
+        MseWeighting::Velocity,
+    )
+    .unwrap();
+    let w: Vec<f32> = t
+        .iter()
+        .map(|&i| (1.0 / post.alphas_cumprod[i]) as f32)
+        .collect();
+    let want = (&f["mse"] * Tensor::new(w.as_slice(), &Device::Cpu).unwrap())
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    assert!(
+        max_rel(&v.mse, &want) < 1e-5,
+        "weighted mse {} vs {}",
+        v.mse,
+        want
+    );
+    assert!(max_rel(&v.vb, &want_vb) < 1e-5);
 }

@@ -548,6 +548,30 @@ fn run_edges(a: EdgesArgs) -> anyhow::Result<()> {
     edge_report(&a.model, a.count, a.steps).map(|_| ())
 }
 
+/// An `on_step` that appends every step's figures to `dir/steps.jsonl` (the progress bar is hidden when
+/// stderr is not a terminal; this file is what a long run leaves to read).
+fn step_log<R: serde::Serialize>(
+    dir: &std::path::Path,
+) -> anyhow::Result<impl FnMut(&R) -> ControlFlow<()>> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("steps.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(move |r: &R| {
+        // A full disk must not stop training: the checkpoints are what matter.
+        let _ = writeln!(
+            file,
+            "{}",
+            serde_json::to_string(r).expect("records serialise")
+        );
+        ControlFlow::Continue(())
+    })
+}
+
 fn run_all(a: AllArgs) -> anyhow::Result<()> {
     use std::time::Instant;
     let out = a.out.clone();
@@ -605,7 +629,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             resume: resume_of(&vae_dir),
             progress: true,
         };
-        vae::train(&config, &opts, &dev, |_| ControlFlow::Continue(())).context("stage vae")?;
+        vae::train(&config, &opts, &dev, step_log(&vae_dir)?).context("stage vae")?;
     }
     time("vae", t0);
 
@@ -635,8 +659,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             resume: resume_of(&teacher_dir),
             progress: true,
         };
-        teacher::train(&config, &opts, &dev, |_| ControlFlow::Continue(()))
-            .context("stage teacher")?;
+        teacher::train(&config, &opts, &dev, step_log(&teacher_dir)?).context("stage teacher")?;
     }
     time("teacher", t0);
 
@@ -665,7 +688,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             resume: resume_of(&lcd_dir),
             progress: true,
         };
-        distill::train(&config, &opts, &dev, |_| ControlFlow::Continue(())).context("stage lcd")?;
+        distill::train(&config, &opts, &dev, step_log(&lcd_dir)?).context("stage lcd")?;
     }
     time("lcd", t0);
 
@@ -695,8 +718,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             resume: resume_of(&cn_dir),
             progress: true,
         };
-        adapter::train(&config, &opts, &dev, |_| ControlFlow::Continue(()))
-            .context("stage controlnet")?;
+        adapter::train(&config, &opts, &dev, step_log(&cn_dir)?).context("stage controlnet")?;
     }
     time("controlnet", t0);
 

@@ -6,8 +6,7 @@
 //! farm samples — is frozen; gradients flow through its later blocks into the adapter (both run in
 //! training mode, the base's variables just never reach the optimiser).
 //!
-//! Loss: ε MSE of the controlled model, weighted by 1/ᾱ_t as the teacher's (the v-prediction MSE), on noisy
-//! latents at uniform timesteps (the base is a consistency
+//! Loss: ε MSE of the controlled model on noisy latents at uniform timesteps (the base is a consistency
 //! model, but its output is still parametrised as ε and the LCM sampler reads it as such: the adapter
 //! learns to move that ε towards the one the edge map implies). Control images are half the scene's
 //! exact outline, half OpenCV-style Canny (100, 200) of the scene, white on black, encoded by the VAE as
@@ -196,15 +195,7 @@ pub fn train(
     device: &Device,
     mut on_step: impl FnMut(&StepRecord) -> ControlFlow<()>,
 ) -> Result<AdapterRun> {
-    if config.batch_size == 0 || (config.dataset_size as usize) < config.batch_size {
-        return Err(Error::InvalidInput {
-            field: "batch_size",
-            message: format!(
-                "{} must be positive and at most dataset_size {}",
-                config.batch_size, config.dataset_size
-            ),
-        });
-    }
+    stage::check_batch(config.batch_size, config.dataset_size)?;
     stage::preflight(&opts.out, opts.save_every, opts.resume)?;
     let ckpt = checkpoint::dir(&opts.out);
     let prep = Prepared::load(
@@ -232,21 +223,15 @@ pub fn train(
     let config_json = stage_config(config, &base_config);
     let vars = sorted_vars(&varmap);
     let mut optimizer = AdamW::new(vars.clone(), config.optimizer.clone())?;
-    let mut start = 0;
-    if opts.resume && checkpoint::exists(&ckpt) {
-        let loaded = checkpoint::load(&ckpt, STAGE, &config_json, device)?;
-        checkpoint::restore_varmap(
-            &varmap,
-            &loaded.params,
-            &loaded.dir.join(checkpoint::PARAMS_FILE),
-        )?;
-        optimizer.load_state(
-            &loaded.optimizer,
-            loaded.state.optimizer_steps,
-            &loaded.dir.join(checkpoint::OPTIMIZER_FILE),
-        )?;
-        start = loaded.state.step;
-    }
+    let (start, _) = stage::restore(
+        &ckpt,
+        opts.resume,
+        STAGE,
+        &config_json,
+        &varmap,
+        &mut optimizer,
+        device,
+    )?;
     let ac = NoiseSchedule::pixart().alphas_cumprod;
 
     struct Steps<'a> {
@@ -306,10 +291,7 @@ pub fn train(
                 .forward(self.base, &x_t, &ts, &y, Some(&mask), None, &cond)?;
             let c = x0.dim(1)?;
             let eps = out.narrow(1, 0, c)?;
-            // v-prediction weighting, as the teacher's default (the layout is decided at high noise).
-            let w: Vec<f32> = t.iter().map(|&i| (1.0 / self.ac[i]) as f32).collect();
-            let rows = (eps - &noise)?.sqr()?.flatten_from(1)?.mean(1)?;
-            let loss = (rows * Tensor::from_vec(w, b, &device)?)?.mean_all()?;
+            let loss = (eps - &noise)?.sqr()?.mean_all()?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Ok((

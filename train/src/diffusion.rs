@@ -25,8 +25,15 @@ pub enum MseWeighting {
     Pixart,
     /// `1 / ᾱ_t`, which makes the term the v-prediction MSE (`|v − v̂|² = |ε − ε̂|² / ᾱ_t`) with the
     /// model still predicting ε: the high-noise steps weigh as much as the rest. For short toy-scale
-    /// runs, where the plain loss leaves the layout unlearnt.
+    /// runs, where the plain loss leaves the layout unlearnt; in one 500-step trial it learnt
+    /// the high-noise steps first and sampled worse than the plain loss did (BENCHMARKS.md).
     Velocity,
+}
+
+impl MseWeighting {
+    pub fn is_pixart(&self) -> bool {
+        *self == MseWeighting::Pixart
+    }
 }
 
 /// The schedule's derived per-timestep constants (f64, as IDDPM keeps them).

@@ -101,7 +101,7 @@ pub struct DistillRun {
     pub transformer_dir: Option<PathBuf>,
 }
 
-/// ε̂ (first half of a learned-σ output) at per-row timesteps.
+/// ε̂ at per-row integer timesteps.
 fn eps(
     model: &PixArtTransformer,
     x: &Tensor,
@@ -109,17 +109,8 @@ fn eps(
     y: &Tensor,
     mask: &Tensor,
 ) -> Result<Tensor> {
-    let ts: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-    let ts = Tensor::from_vec(ts, t.len(), x.device())?;
-    let out = model
-        .forward(x, &ts, y, Some(mask), None)?
-        .to_dtype(DType::F32)?;
-    let c = x.dim(1)?;
-    Ok(if out.dim(1)? == 2 * c {
-        out.narrow(1, 0, c)?
-    } else {
-        out
-    })
+    let t: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+    crate::sample::epsilon_rows(model, x, &t, y, mask)
 }
 
 /// The inputs of one LCD step, drawn from (seed, step).
@@ -230,15 +221,7 @@ pub fn train(
     device: &Device,
     mut on_step: impl FnMut(&StepRecord) -> ControlFlow<()>,
 ) -> Result<DistillRun> {
-    if config.batch_size == 0 || (config.dataset_size as usize) < config.batch_size {
-        return Err(Error::InvalidInput {
-            field: "batch_size",
-            message: format!(
-                "{} must be positive and at most dataset_size {}",
-                config.batch_size, config.dataset_size
-            ),
-        });
-    }
+    stage::check_batch(config.batch_size, config.dataset_size)?;
     stage::preflight(&opts.out, opts.save_every, opts.resume)?;
     let ckpt = checkpoint::dir(&opts.out);
     let prep = Prepared::load(
@@ -264,20 +247,17 @@ pub fn train(
         .collect();
     let source_list: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
     let mut optimizer = AdamW::new(vars.clone(), config.optimizer.clone())?;
-    let mut start = 0;
     const TARGET_FILE: &str = "target.safetensors";
-    if opts.resume && checkpoint::exists(&ckpt) {
-        let loaded = checkpoint::load(&ckpt, STAGE, &config_json, device)?;
-        checkpoint::restore_varmap(
-            &student_vars,
-            &loaded.params,
-            &loaded.dir.join(checkpoint::PARAMS_FILE),
-        )?;
-        optimizer.load_state(
-            &loaded.optimizer,
-            loaded.state.optimizer_steps,
-            &loaded.dir.join(checkpoint::OPTIMIZER_FILE),
-        )?;
+    let (start, loaded) = stage::restore(
+        &ckpt,
+        opts.resume,
+        STAGE,
+        &config_json,
+        &student_vars,
+        &mut optimizer,
+        device,
+    )?;
+    if let Some(loaded) = loaded {
         let path = loaded.dir.join(TARGET_FILE);
         let saved =
             candle_core::safetensors::load(&path, device).map_err(|e| Error::Checkpoint {
@@ -286,7 +266,6 @@ pub fn train(
                 message: e.to_string(),
             })?;
         checkpoint::restore_varmap(&target_vars, &saved, &path)?;
-        start = loaded.state.step;
     }
     let solver = DdimSolver::new(&NoiseSchedule::pixart(), config.num_ddim_timesteps)?;
     let ac = NoiseSchedule::pixart().alphas_cumprod;

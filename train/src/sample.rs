@@ -13,7 +13,7 @@ use pixart::vae::Vae;
 use crate::Result;
 use crate::lcd::{NoiseSchedule, TRAIN_TIMESTEPS};
 
-/// ε̂ of a learned-σ model (the first half of its channels).
+/// ε̂ of a learned-σ model (the first half of its channels) at one timestep for the whole batch.
 pub fn epsilon(
     model: &PixArtTransformer,
     x: &Tensor,
@@ -21,8 +21,18 @@ pub fn epsilon(
     y: &Tensor,
     mask: &Tensor,
 ) -> Result<Tensor> {
-    let b = x.dim(0)?;
-    let ts = Tensor::full(t, b, x.device())?;
+    epsilon_rows(model, x, &vec![t; x.dim(0)?], y, mask)
+}
+
+/// [`epsilon`] with a timestep per row.
+pub fn epsilon_rows(
+    model: &PixArtTransformer,
+    x: &Tensor,
+    t: &[f32],
+    y: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let ts = Tensor::from_vec(t.to_vec(), t.len(), x.device())?;
     let out = model
         .forward(x, &ts, y, Some(mask), None)?
         .to_dtype(DType::F32)?;

@@ -105,3 +105,45 @@ pub fn drive<T: Trainer>(
     }
     Ok(out)
 }
+
+/// `batch_size` must be positive and fit in the pool of `dataset_size` samples.
+pub fn check_batch(batch_size: usize, dataset_size: u64) -> Result<()> {
+    if batch_size == 0 || (dataset_size as usize) < batch_size {
+        return Err(Error::InvalidInput {
+            field: "batch_size",
+            message: format!(
+                "{batch_size} must be positive and at most dataset_size {dataset_size}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Restores `varmap` and `optimizer` from the checkpoint in `ckpt` when `resume` is set and there is one
+/// (of `stage`, saved with `config`); returns the step to continue from (0 for a fresh run) and the
+/// loaded checkpoint, for stages that keep more than the parameters.
+pub fn restore(
+    ckpt: &Path,
+    resume: bool,
+    stage: &str,
+    config: &serde_json::Value,
+    varmap: &candle_nn::VarMap,
+    optimizer: &mut crate::optim::AdamW,
+    device: &candle_core::Device,
+) -> Result<(u64, Option<checkpoint::Loaded>)> {
+    if !(resume && checkpoint::exists(ckpt)) {
+        return Ok((0, None));
+    }
+    let loaded = checkpoint::load(ckpt, stage, config, device)?;
+    checkpoint::restore_varmap(
+        varmap,
+        &loaded.params,
+        &loaded.dir.join(checkpoint::PARAMS_FILE),
+    )?;
+    optimizer.load_state(
+        &loaded.optimizer,
+        loaded.state.optimizer_steps,
+        &loaded.dir.join(checkpoint::OPTIMIZER_FILE),
+    )?;
+    Ok((loaded.state.step, Some(loaded)))
+}

@@ -44,7 +44,9 @@ pub struct TeacherConfig {
     pub batch_size: usize,
     /// Probability that a sample's caption is replaced by the empty prompt.
     pub caption_dropout: f64,
-    /// Weighting of the ε MSE over timesteps (PixArt's plain loss, or v-prediction's).
+    /// Weighting of the ε MSE over timesteps: PixArt's plain loss (the default, left out of the saved
+    /// config so that checkpoints from before the option resume), or v-prediction's.
+    #[serde(default, skip_serializing_if = "MseWeighting::is_pixart")]
     pub mse_weighting: MseWeighting,
     pub grad_clip: f64,
     pub optimizer: AdamWParams,
@@ -62,7 +64,7 @@ impl Default for TeacherConfig {
             patch_size: 2,
             batch_size: 64,
             caption_dropout: 0.1,
-            mse_weighting: MseWeighting::Velocity,
+            mse_weighting: MseWeighting::Pixart,
             grad_clip: 1.0,
             optimizer: AdamWParams {
                 lr: 3e-4,
@@ -77,15 +79,7 @@ impl TeacherConfig {
     pub fn validate(&self) -> Result<()> {
         let bad =
             |field: &'static str, message: String| Err(Error::InvalidInput { field, message });
-        if self.batch_size == 0 || (self.dataset_size as usize) < self.batch_size {
-            return bad(
-                "batch_size",
-                format!(
-                    "{} must be positive and at most dataset_size {}",
-                    self.batch_size, self.dataset_size
-                ),
-            );
-        }
+        crate::stage::check_batch(self.batch_size, self.dataset_size)?;
         if !(0.0..1.0).contains(&self.caption_dropout) {
             return bad(
                 "caption_dropout",
@@ -285,21 +279,15 @@ pub fn train(
     let model = PixArtTransformer::trainable(tcfg.clone(), &varmap)?;
     let vars = sorted_vars(&varmap);
     let mut optimizer = AdamW::new(vars.clone(), config.optimizer.clone())?;
-    let mut start = 0;
-    if opts.resume && checkpoint::exists(&ckpt) {
-        let loaded = checkpoint::load(&ckpt, STAGE, &config_json, device)?;
-        checkpoint::restore_varmap(
-            &varmap,
-            &loaded.params,
-            &loaded.dir.join(checkpoint::PARAMS_FILE),
-        )?;
-        optimizer.load_state(
-            &loaded.optimizer,
-            loaded.state.optimizer_steps,
-            &loaded.dir.join(checkpoint::OPTIMIZER_FILE),
-        )?;
-        start = loaded.state.step;
-    }
+    let (start, _) = stage::restore(
+        &ckpt,
+        opts.resume,
+        STAGE,
+        &config_json,
+        &varmap,
+        &mut optimizer,
+        device,
+    )?;
     let post = Posterior::new(&NoiseSchedule::pixart());
 
     struct Steps<'a> {

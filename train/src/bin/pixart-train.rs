@@ -368,6 +368,28 @@ fn median_min(secs: &[f64]) -> (f64, f64) {
     )
 }
 
+/// The one-line summary a stage command prints: steps, preparation, step times, the mean loss of the
+/// last 100 steps (and any further figures), and what it exported.
+#[allow(clippy::too_many_arguments)]
+fn summary(
+    stage: &str,
+    start: u64,
+    end: u64,
+    prepare: f64,
+    secs: &[f64],
+    losses: &[f32],
+    extra: &str,
+    out: Option<&std::path::Path>,
+) {
+    let (min, median) = median_min(secs);
+    let tail = &losses[losses.len().saturating_sub(100)..];
+    let mean = tail.iter().sum::<f32>() / tail.len().max(1) as f32;
+    eprintln!(
+        "{stage}: steps {start}..{end} · prepare {prepare:.1} s · min {min:.3} / median {median:.3} s/step · last-100 mean loss {mean:.5}{extra} · {}",
+        out.map_or("-".into(), |d| d.display().to_string()),
+    );
+}
+
 fn run_teacher(a: TeacherArgs) -> anyhow::Result<()> {
     let mut config = TeacherConfig {
         seed: a.seed,
@@ -396,23 +418,21 @@ fn run_teacher(a: TeacherArgs) -> anyhow::Result<()> {
         ControlFlow::Continue(())
     })
     .with_context(|| format!("training the teacher into {}", a.out.display()))?;
-    let (min, median) = median_min(&run.seconds_per_step);
-    let tail: Vec<_> = run.records.iter().rev().take(100).collect();
-    let mean = |f: &dyn Fn(&teacher::StepRecord) -> f32| {
-        tail.iter().map(|r| f(r)).sum::<f32>() / tail.len().max(1) as f32
+    let tail = &run.records[run.records.len().saturating_sub(100)..];
+    let mean = |f: fn(&teacher::StepRecord) -> f32| {
+        tail.iter().map(f).sum::<f32>() / tail.len().max(1) as f32
     };
-    eprintln!(
-        "teacher: steps {}..{} · prepare {:.1} s · min {:.3} / median {:.3} s/step · last-100 mean loss {:.4} (mse {:.4}, vb {:.4}) · {}",
+    let extra = format!(" (mse {:.4}, vb {:.4})", mean(|r| r.mse), mean(|r| r.vb));
+    let losses: Vec<f32> = run.records.iter().map(|r| r.loss).collect();
+    summary(
+        "teacher",
         run.start_step,
         run.end_step,
         run.prepare_seconds,
-        min,
-        median,
-        mean(&|r| r.loss),
-        mean(&|r| r.mse),
-        mean(&|r| r.vb),
-        run.transformer_dir
-            .map_or("-".into(), |d| d.display().to_string()),
+        &run.seconds_per_step,
+        &losses,
+        &extra,
+        run.transformer_dir.as_deref(),
     );
     Ok(())
 }
@@ -443,19 +463,16 @@ fn run_lcd(a: LcdArgs) -> anyhow::Result<()> {
         ControlFlow::Continue(())
     })
     .with_context(|| format!("distilling into {}", a.out.display()))?;
-    let (min, median) = median_min(&run.seconds_per_step);
-    let tail: Vec<_> = run.records.iter().rev().take(100).collect();
-    let mean = tail.iter().map(|r| r.loss).sum::<f32>() / tail.len().max(1) as f32;
-    eprintln!(
-        "lcd: steps {}..{} · prepare {:.1} s · min {:.3} / median {:.3} s/step · last-100 mean loss {:.5} · {}",
+    let losses: Vec<f32> = run.records.iter().map(|r| r.loss).collect();
+    summary(
+        "lcd",
         run.start_step,
         run.end_step,
         run.prepare_seconds,
-        min,
-        median,
-        mean,
-        run.transformer_dir
-            .map_or("-".into(), |d| d.display().to_string()),
+        &run.seconds_per_step,
+        &losses,
+        "",
+        run.transformer_dir.as_deref(),
     );
     Ok(())
 }
@@ -486,19 +503,16 @@ fn run_controlnet(a: ControlnetArgs) -> anyhow::Result<()> {
         ControlFlow::Continue(())
     })
     .with_context(|| format!("training the adapter into {}", a.out.display()))?;
-    let (min, median) = median_min(&run.seconds_per_step);
-    let tail: Vec<_> = run.records.iter().rev().take(100).collect();
-    let mean = tail.iter().map(|r| r.loss).sum::<f32>() / tail.len().max(1) as f32;
-    eprintln!(
-        "controlnet: steps {}..{} · prepare {:.1} s · min {:.3} / median {:.3} s/step · last-100 mean loss {:.5} · {}",
+    let losses: Vec<f32> = run.records.iter().map(|r| r.loss).collect();
+    summary(
+        "controlnet",
         run.start_step,
         run.end_step,
         run.prepare_seconds,
-        min,
-        median,
-        mean,
-        run.controlnet_dir
-            .map_or("-".into(), |d| d.display().to_string()),
+        &run.seconds_per_step,
+        &losses,
+        "",
+        run.controlnet_dir.as_deref(),
     );
     Ok(())
 }

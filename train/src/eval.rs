@@ -70,6 +70,26 @@ pub fn prompts(
     out
 }
 
+/// A chunk's initial noise (prompt `base + j` draws seed `noise_seed + base + j`, as the farm seeds an
+/// image) and its prompts' features: what every sampler of this module starts from.
+fn chunk_inputs(
+    chunk: &[Sample],
+    base: usize,
+    noise_seed: u64,
+    (channels, side): (usize, usize),
+    text: &mut Text,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let noise = (0..chunk.len())
+        .map(|j| {
+            SeededNoise::new(noise_seed + (base + j) as u64)
+                .next_tensor(&[1, channels, side, side], &Device::Cpu)
+        })
+        .collect::<pixart::Result<Vec<_>>>()?;
+    let prompts: Vec<Option<&str>> = chunk.iter().map(|s| Some(s.caption.as_str())).collect();
+    let (y, mask) = text.batch(&prompts)?;
+    Ok((Tensor::cat(&noise, 0)?, y, mask))
+}
+
 /// What an evaluation measured.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -98,17 +118,7 @@ pub fn evaluate(
     let mut images = Vec::with_capacity(samples.len());
     for (chunk_index, chunk) in samples.chunks(batch.max(1)).enumerate() {
         let base = chunk_index * batch.max(1);
-        let noise = chunk
-            .iter()
-            .enumerate()
-            .map(|(j, _)| {
-                SeededNoise::new(noise_seed + (base + j) as u64)
-                    .next_tensor(&[1, latent_c, side, side], &Device::Cpu)
-            })
-            .collect::<pixart::Result<Vec<_>>>()?;
-        let x = Tensor::cat(&noise, 0)?;
-        let prompts: Vec<Option<&str>> = chunk.iter().map(|s| Some(s.caption.as_str())).collect();
-        let (y, mask) = text.batch(&prompts)?;
+        let (x, y, mask) = chunk_inputs(chunk, base, noise_seed, (latent_c, side), text)?;
         let latents = match sampler {
             Sampler::Ddim { steps, cfg } => {
                 let (yu, mu) = text.batch(&vec![None; chunk.len()])?;
@@ -181,17 +191,7 @@ pub fn evaluate_edges(
     let mut images = Vec::with_capacity(samples.len());
     for (chunk_index, chunk) in samples.chunks(batch.max(1)).enumerate() {
         let base = chunk_index * batch.max(1);
-        let noise = chunk
-            .iter()
-            .enumerate()
-            .map(|(j, _)| {
-                SeededNoise::new(noise_seed + (base + j) as u64)
-                    .next_tensor(&[1, latent_c, side, side], &Device::Cpu)
-            })
-            .collect::<pixart::Result<Vec<_>>>()?;
-        let x = Tensor::cat(&noise, 0)?;
-        let prompts: Vec<Option<&str>> = chunk.iter().map(|s| Some(s.caption.as_str())).collect();
-        let (y, mask) = text.batch(&prompts)?;
+        let (x, y, mask) = chunk_inputs(chunk, base, noise_seed, (latent_c, side), text)?;
         let controls = chunk
             .iter()
             .map(|s| {

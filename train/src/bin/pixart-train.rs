@@ -784,21 +784,18 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         let mut rows = Vec::new();
-        let round_trip = eval::vae_round_trip(
-            &vae_model,
-            &eval::prompts(&data, Split::Train, count, &exclude),
-            64,
-        )?;
+        let unseen = eval::prompts(&data, Split::Train, count, &exclude);
+        let held_out = eval::prompts(&data, Split::HeldOut, count, &exclude);
+        let round_trip = eval::vae_round_trip(&vae_model, &unseen, 64)?;
         println!("VAE round trip (the ceiling) · {round_trip}");
         report["vae_round_trip"] = serde_json::json!({
             "n": round_trip.total, "colour": round_trip.colour_rate(), "shape": round_trip.shape_rate(),
             "size": round_trip.size_rate(), "position": round_trip.position_rate(), "all": round_trip.all_rate(),
         });
-        for (split, name) in [
-            (Split::Train, "unseen prompts"),
-            (Split::HeldOut, "held-out combinations"),
+        for (split, name, samples) in [
+            (Split::Train, "unseen prompts", &unseen),
+            (Split::HeldOut, "held-out combinations", &held_out),
         ] {
-            let samples = eval::prompts(&data, split, count, &exclude);
             let mut runs: Vec<(&pixart::transformer::PixArtTransformer, Sampler)> = vec![(
                 &teacher_model,
                 Sampler::Ddim {
@@ -814,7 +811,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 let r =
-                    eval::evaluate(m, &vae_model, &mut text_model, &samples, sampler, 9_000, 16)?;
+                    eval::evaluate(m, &vae_model, &mut text_model, samples, sampler, 9_000, 16)?;
                 println!(
                     "{name} · {} · {} · {} evaluations/image · {:.3} s/image",
                     r.sampler,

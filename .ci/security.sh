@@ -22,7 +22,11 @@ DENY=$(command -v cargo-deny || true)
 if [ -z "$DENY" ] && [ -x "$CACHE/bin/cargo-deny" ]; then DENY=$CACHE/bin/cargo-deny; fi
 if [ -z "$DENY" ]; then
   log "cargo install cargo-deny@$DENY_VERSION"
-  cargo install "cargo-deny@$DENY_VERSION" --locked --root "$CACHE"
+  # cargo-deny's own release profile is fat LTO with one codegen unit (~10 min on 2 cores); a
+  # checker run once per CI job does not need that, so build it plainly optimised instead.
+  CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_DEBUG=false \
+    cargo install "cargo-deny@$DENY_VERSION" --locked --root "$CACHE"
   DENY=$CACHE/bin/cargo-deny
 fi
 log "$("$DENY" --version)"

@@ -21,9 +21,8 @@ cargo fetch --locked >/dev/null
 eval "$(deploy/cuda/toolkit.sh)"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 echo "== cargo build --features cuda (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, target $CARGO_TARGET_DIR)"
-# The same two commands as .ci/run's CUDA step.
-cargo build --locked -p pixfarm --features cuda
-cargo build --locked -p pixart --features cuda --example bench_gpu --example conformance
+# The same build as .ci/run's CUDA step.
+bash deploy/cuda/build.sh
 
 rm -rf "$OUT"
 mkdir -p "$OUT/bin" "$OUT/lib" "$OUT/whl"

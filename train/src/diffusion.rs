@@ -28,11 +28,30 @@ pub enum MseWeighting {
     /// runs, where the plain loss leaves the layout unlearnt; in one 500-step trial it learnt
     /// the high-noise steps first and sampled worse than the plain loss did (BENCHMARKS.md).
     Velocity,
+    /// Min-SNR-γ (Hang et al., 2023, γ = 5) for ε-prediction: `min(SNR_t, 5) / SNR_t`, SNR_t =
+    /// ᾱ_t / (1 − ᾱ_t). The plain loss at the noisy half (SNR < 5, t ≳ 100 here) and less weight on
+    /// the nearly clean steps, which the plain loss over-trains; milder than [`Self::Velocity`].
+    MinSnr,
 }
+
+/// γ of [`MseWeighting::MinSnr`] (the paper's default).
+pub const MIN_SNR_GAMMA: f64 = 5.0;
 
 impl MseWeighting {
     pub fn is_pixart(&self) -> bool {
         *self == MseWeighting::Pixart
+    }
+
+    /// The factor on the ε MSE of a sample at a timestep with `alphas_cumprod` ᾱ.
+    pub fn weight(&self, alpha_cumprod: f64) -> f64 {
+        match self {
+            MseWeighting::Pixart => 1.0,
+            MseWeighting::Velocity => 1.0 / alpha_cumprod,
+            MseWeighting::MinSnr => {
+                let snr = alpha_cumprod / (1.0 - alpha_cumprod);
+                snr.min(MIN_SNR_GAMMA) / snr
+            }
+        }
     }
 }
 
@@ -155,15 +174,14 @@ pub fn teacher_loss(
     let eps = out.narrow(1, 0, c)?;
     let v = out.narrow(1, c, c)?;
     let mse_rows = mean_flat(&(&eps - noise)?.sqr()?)?;
-    let mse_rows = match weighting {
-        MseWeighting::Pixart => mse_rows,
-        MseWeighting::Velocity => {
-            let w: Vec<f32> = t
-                .iter()
-                .map(|&i| (1.0 / post.alphas_cumprod[i]) as f32)
-                .collect();
-            (mse_rows * Tensor::from_vec(w, t.len(), x0.device())?)?
-        }
+    let mse_rows = if weighting.is_pixart() {
+        mse_rows
+    } else {
+        let w: Vec<f32> = t
+            .iter()
+            .map(|&i| weighting.weight(post.alphas_cumprod[i]) as f32)
+            .collect();
+        (mse_rows * Tensor::from_vec(w, t.len(), x0.device())?)?
     };
 
     // The bound, with ε̂ frozen.
@@ -206,4 +224,30 @@ pub fn teacher_loss(
     let vb = vb_rows.mean_all()?;
     let total = (&mse + &vb)?;
     Ok(TeacherLoss { total, mse, vb })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Min-SNR-5 on PixArt's schedule: the plain loss where SNR ≤ 5, 5 / SNR where the sample is
+    /// nearly clean; v-weighting grows without bound as the noise does.
+    #[test]
+    fn weightings_on_the_pixart_schedule() {
+        let ac = NoiseSchedule::pixart().alphas_cumprod;
+        let w = |m: MseWeighting, t: usize| m.weight(ac[t]);
+        for t in [0, 999] {
+            assert_eq!(w(MseWeighting::Pixart, t), 1.0);
+        }
+        let snr0 = ac[0] / (1.0 - ac[0]);
+        assert!((w(MseWeighting::MinSnr, 0) - 5.0 / snr0).abs() < 1e-12);
+        assert!(w(MseWeighting::MinSnr, 0) < 1e-3);
+        let noisy = (0..1000).find(|&t| ac[t] / (1.0 - ac[t]) <= 5.0).unwrap();
+        assert!((100..200).contains(&noisy), "SNR reaches 5 at t = {noisy}");
+        for t in noisy..1000 {
+            assert_eq!(w(MseWeighting::MinSnr, t), 1.0);
+        }
+        assert!(w(MseWeighting::MinSnr, noisy - 1) < 1.0);
+        assert!((w(MseWeighting::Velocity, 999) - 1.0 / ac[999]).abs() < 1e-9);
+    }
 }

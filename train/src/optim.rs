@@ -17,11 +17,16 @@ use crate::{Error, Result};
 /// AdamW hyperparameters (PyTorch's defaults except the learning rate).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdamWParams {
+    /// The peak learning rate ([`LrSchedule`] scales it per step).
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Left out of a saved config while constant, so configs written before schedules existed still
+    /// match on resume.
+    #[serde(default, skip_serializing_if = "LrSchedule::is_constant")]
+    pub schedule: LrSchedule,
 }
 
 impl Default for AdamWParams {
@@ -32,7 +37,86 @@ impl Default for AdamWParams {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 1e-2,
+            schedule: LrSchedule::Constant,
         }
+    }
+}
+
+impl AdamWParams {
+    /// Names what is wrong: a rate that is not positive, or a schedule's numbers.
+    pub fn validate(&self) -> Result<()> {
+        if !self.lr.is_finite() || self.lr <= 0.0 {
+            return Err(Error::InvalidInput {
+                field: "optimizer.lr",
+                message: format!("{} must be positive", self.lr),
+            });
+        }
+        self.schedule.validate()
+    }
+}
+
+/// How the learning rate moves over a run. Part of the run's config: a resumed run continues the same
+/// curve, and one with another schedule is refused like any other config change.
+///
+/// Why a decay at all: at a constant rate the VAE's reconstruction stopped improving and then got
+/// worse (held-out MSE 0.0228 at 2,000 steps, 0.0328 at 3,000); the optimiser's noise floor is set by
+/// the rate, and annealing it is the usual way under it.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    /// A linear warm-up from 0 over `warmup` steps, then a half cosine from the peak down to
+    /// `floor` × peak at step `steps`, and `floor` × peak after that.
+    Cosine { warmup: u64, steps: u64, floor: f64 },
+}
+
+impl LrSchedule {
+    pub fn is_constant(&self) -> bool {
+        *self == LrSchedule::Constant
+    }
+
+    /// The factor on the peak rate for the update after `done` updates (0 for the first).
+    pub fn factor(&self, done: u64) -> f64 {
+        match *self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Cosine {
+                warmup,
+                steps,
+                floor,
+            } => {
+                if done < warmup {
+                    return (done + 1) as f64 / warmup as f64;
+                }
+                let span = steps.saturating_sub(warmup).max(1) as f64;
+                let progress = ((done - warmup) as f64 / span).min(1.0);
+                floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+
+    /// Names what is wrong with the schedule's numbers.
+    pub fn validate(&self) -> Result<()> {
+        if let LrSchedule::Cosine {
+            warmup,
+            steps,
+            floor,
+        } = *self
+        {
+            let bad = |message: String| {
+                Err(Error::InvalidInput {
+                    field: "optimizer.schedule",
+                    message,
+                })
+            };
+            if !(0.0..=1.0).contains(&floor) {
+                return bad(format!("floor {floor} must be within 0..=1"));
+            }
+            if warmup > steps {
+                return bad(format!("warmup {warmup} is longer than the {steps} steps"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -73,6 +157,7 @@ impl AdamW {
     /// [`Error::NoGradient`] rather than skipped.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let p = &self.params;
+        let lr = p.lr * p.schedule.factor(self.t);
         self.t += 1;
         let t = self.t as i32;
         let bc1 = 1.0 - p.beta1.powi(t);
@@ -84,8 +169,8 @@ impl AdamW {
             let m = ((&self.m[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;
             let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - p.lr * p.weight_decay))?;
-            var.set(&(decayed - (update * p.lr)?)?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * p.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
             // Detached: the gradient carries the backward graph (and through it the step's forward
             // activations); kept as is, each moment would hold every earlier step's graph alive
             // (≈300 MB more per step for the default VAE).
@@ -226,6 +311,89 @@ mod tests {
         for (name, t) in ours.state() {
             assert!(!t.track_op(), "moment `{name}` keeps its autograd graph");
         }
+    }
+
+    /// A scheduled run is candle-nn's AdamW with its rate set before every step to peak × factor (the
+    /// weight decay scaled with it, as in PyTorch's schedulers).
+    #[test]
+    fn a_cosine_schedule_steps_as_candle_adamw_at_the_scheduled_rate() {
+        use candle_nn::Optimizer;
+        let d = Device::Cpu;
+        let init = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.1]], &d).unwrap();
+        let a = Var::from_tensor(&init).unwrap();
+        let b = Var::from_tensor(&init).unwrap();
+        let schedule = LrSchedule::Cosine {
+            warmup: 2,
+            steps: 6,
+            floor: 0.1,
+        };
+        let params = AdamWParams {
+            lr: 0.05,
+            schedule,
+            ..Default::default()
+        };
+        let mut ours = AdamW::new(vec![("w".into(), a.clone())], params.clone()).unwrap();
+        let mut theirs = candle_nn::AdamW::new(
+            vec![b.clone()],
+            candle_nn::ParamsAdamW {
+                lr: params.lr,
+                beta1: params.beta1,
+                beta2: params.beta2,
+                eps: params.eps,
+                weight_decay: params.weight_decay,
+            },
+        )
+        .unwrap();
+        for step in 0..8 {
+            let la = a.as_tensor().sqr().unwrap().sum_all().unwrap();
+            ours.step(&la.backward().unwrap()).unwrap();
+            theirs.set_learning_rate(params.lr * schedule.factor(step));
+            let lb = b.as_tensor().sqr().unwrap().sum_all().unwrap();
+            theirs.step(&lb.backward().unwrap()).unwrap();
+        }
+        let diff = (a.as_tensor() - b.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
+    }
+
+    #[test]
+    fn cosine_warms_up_peaks_and_ends_at_its_floor() {
+        let s = LrSchedule::Cosine {
+            warmup: 4,
+            steps: 104,
+            floor: 0.1,
+        };
+        assert_eq!(s.factor(0), 0.25);
+        assert_eq!(s.factor(3), 1.0);
+        assert_eq!(s.factor(4), 1.0);
+        assert!((s.factor(54) - 0.55).abs() < 1e-12, "{}", s.factor(54));
+        assert!((s.factor(104) - 0.1).abs() < 1e-12);
+        assert!((s.factor(500) - 0.1).abs() < 1e-12);
+        let mut last = 1.0;
+        for done in 4..=104 {
+            assert!(s.factor(done) <= last);
+            last = s.factor(done);
+        }
+        assert_eq!(LrSchedule::Constant.factor(7), 1.0);
+        let long_warmup = LrSchedule::Cosine {
+            warmup: 10,
+            steps: 5,
+            floor: 0.0,
+        };
+        let e = long_warmup.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("optimizer.schedule") && e.contains("warmup"),
+            "{e}"
+        );
+        // A constant schedule is left out of a saved config (older checkpoints' configs still match).
+        let json = serde_json::to_value(AdamWParams::default()).unwrap();
+        assert!(json.get("schedule").is_none(), "{json}");
     }
 
     #[test]

@@ -92,13 +92,7 @@ impl TeacherConfig {
                 "heads, head width and layers must be positive".into(),
             );
         }
-        if !self.optimizer.lr.is_finite() || self.optimizer.lr <= 0.0 {
-            return bad(
-                "optimizer.lr",
-                format!("{} must be positive", self.optimizer.lr),
-            );
-        }
-        Ok(())
+        self.optimizer.validate()
     }
 
     /// The diffusers config of the transformer for `latent_channels`-channel latents `latent_size` wide

@@ -149,13 +149,7 @@ impl VaeTrainConfig {
                 ),
             );
         }
-        if !self.optimizer.lr.is_finite() || self.optimizer.lr <= 0.0 {
-            return bad(
-                "optimizer.lr",
-                format!("{} must be positive", self.optimizer.lr),
-            );
-        }
-        Ok(())
+        self.optimizer.validate()
     }
 
     /// Pixels per latent pixel.

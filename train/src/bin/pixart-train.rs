@@ -14,6 +14,7 @@ use pixart_train::adapter::{self, AdapterConfig};
 use pixart_train::dataset::{DatasetConfig, Split};
 use pixart_train::distill::{self, DistillConfig};
 use pixart_train::eval::{self, Sampler};
+use pixart_train::optim::LrSchedule;
 use pixart_train::teacher::{self, TeacherConfig};
 use pixart_train::text::{self, TextConfig};
 use pixart_train::vae::{self, RunOptions, VaeTrainConfig};
@@ -88,8 +89,39 @@ struct TeacherArgs {
     patch_size: usize,
     #[arg(long, default_value_t = TeacherConfig::default().dataset_size)]
     dataset_size: u64,
+    /// Weighting of the ε MSE over timesteps: pixart (PixArt's plain loss), min-snr (min-SNR-5) or
+    /// velocity.
+    #[arg(long, default_value = "pixart")]
+    weighting: String,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
     #[arg(long)]
     log: bool,
+}
+
+/// The learning-rate schedule flags of a stage.
+#[derive(clap::Args)]
+struct ScheduleArgs {
+    /// Anneal the rate along a half cosine to a tenth of --lr at --steps (default: constant).
+    #[arg(long)]
+    cosine: bool,
+    /// Steps of linear warm-up before the cosine.
+    #[arg(long, default_value_t = 0, requires = "cosine")]
+    warmup: u64,
+}
+
+impl ScheduleArgs {
+    fn schedule(&self, steps: u64) -> LrSchedule {
+        if self.cosine {
+            LrSchedule::Cosine {
+                warmup: self.warmup,
+                steps,
+                floor: 0.1,
+            }
+        } else {
+            LrSchedule::Constant
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -270,6 +302,12 @@ struct VaeArgs {
     norm_groups: usize,
     #[arg(long, default_value_t = VaeTrainConfig::default().dataset_size)]
     dataset_size: u64,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
+    /// After training, the analyser's accuracy on this many round-tripped scenes of another seed
+    /// (the ceiling of any model decoded by this VAE; 0: skip).
+    #[arg(long, default_value_t = 200)]
+    ceiling: usize,
     /// Print every step's figures as JSON lines on stdout.
     #[arg(long)]
     log: bool,
@@ -291,6 +329,7 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             config.optimizer.lr = a.lr;
+            config.optimizer.schedule = a.schedule.schedule(a.steps);
             let opts = RunOptions {
                 out: a.out.clone(),
                 steps: a.steps,
@@ -321,8 +360,20 @@ fn main() -> anyhow::Result<()> {
                 run.probe_mse.0,
                 run.probe_mse.1,
                 run.scaling_factor.unwrap_or(f64::NAN),
-                run.vae_dir.map_or("-".into(), |d| d.display().to_string()),
+                run.vae_dir
+                    .as_ref()
+                    .map_or("-".into(), |d| d.display().to_string()),
             );
+            if run.vae_dir.is_some() && a.ceiling > 0 {
+                let (vae_model, _) = pixart_train::prep::load_vae(&a.out)?;
+                let data = DatasetConfig {
+                    seed: a.seed + 1_000_003,
+                    ..Default::default()
+                };
+                let scenes = eval::prompts(&data, Split::Train, a.ceiling, &Default::default());
+                let round_trip = eval::vae_round_trip(&vae_model, &scenes, 64)?;
+                eprintln!("vae: round trip of {} scenes · {round_trip}", a.ceiling);
+            }
         }
         Command::Text(a) => {
             let config = TextConfig {
@@ -398,9 +449,18 @@ fn run_teacher(a: TeacherArgs) -> anyhow::Result<()> {
         attention_head_dim: a.head_dim,
         patch_size: a.patch_size,
         dataset_size: a.dataset_size,
+        mse_weighting: serde_json::from_value(serde_json::json!(a.weighting)).with_context(
+            || {
+                format!(
+                    "--weighting {}: expected pixart, min-snr or velocity",
+                    a.weighting
+                )
+            },
+        )?,
         ..Default::default()
     };
     config.optimizer.lr = a.lr;
+    config.optimizer.schedule = a.schedule.schedule(a.steps);
     let opts = teacher::RunOptions {
         out: a.out.clone(),
         vae: a.vae,

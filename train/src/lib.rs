@@ -29,6 +29,7 @@
 //! | [`dit`] | a PixArt transformer from scratch: diffusers names and shapes, PixArt's initialisation, export |
 //! | [`diffusion`] | PixArt-α's loss: ε MSE + the learned-σ variational bound (IDDPM) |
 //! | [`prep`] | latents from the trained VAE and features from the frozen text encoder, prepared once per run |
+//! | [`probe`] | a transformer's ε and x0 error per noise level, with and without captions |
 //! | [`stage`] | the loop the diffusion stages share: preflight, steps, saves, NaN stop, interruption |
 //! | [`teacher`] | stage 3: the PixArt-α teacher (ε + learned σ, caption dropout) |
 //! | [`distill`] | stage 4: Latent Consistency Distillation into the 4-step student (Algorithm 1) |
@@ -84,6 +85,7 @@ pub mod norm;
 pub mod optim;
 pub mod package;
 pub mod prep;
+pub mod probe;
 pub mod progress;
 pub mod sample;
 pub mod scene;

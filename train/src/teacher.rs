@@ -161,6 +161,8 @@ pub struct TeacherRun {
     pub prepare_seconds: f64,
     /// `Some(out/transformer)` once exported (`None` when `on_step` stopped the run).
     pub transformer_dir: Option<PathBuf>,
+    /// The trained model's error per noise level ([`crate::probe`]; empty when interrupted).
+    pub probe: Vec<crate::probe::NoiseLevel>,
 }
 
 /// The training batch of `step`: which samples, their timesteps, the noise and which captions drop.
@@ -375,11 +377,13 @@ pub fn train(
         seconds_per_step: driven.seconds_per_step,
         prepare_seconds,
         transformer_dir: None,
+        probe: Vec::new(),
     };
     if !driven.interrupted {
         let dir = opts.out.join("transformer");
         crate::dit::export(&varmap, &tcfg, &dir)?;
         run.transformer_dir = Some(dir);
+        run.probe = crate::probe::probe(&model, pool, &mut text, 64, config.seed + 17)?;
     }
     Ok(run)
 }

@@ -482,6 +482,9 @@ fn run_teacher(a: TeacherArgs) -> anyhow::Result<()> {
     let mean = |f: fn(&teacher::StepRecord) -> f32| {
         tail.iter().map(f).sum::<f32>() / tail.len().max(1) as f32
     };
+    for level in &run.probe {
+        eprintln!("teacher: {level}");
+    }
     let extra = format!(" (mse {:.4}, vb {:.4})", mean(|r| r.mse), mean(|r| r.vb));
     let losses: Vec<f32> = run.records.iter().map(|r| r.loss).collect();
     summary(
@@ -733,7 +736,11 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             resume: resume_of(&teacher_dir),
             progress: true,
         };
-        teacher::train(&config, &opts, &dev, step_log(&teacher_dir)?).context("stage teacher")?;
+        let run = teacher::train(&config, &opts, &dev, step_log(&teacher_dir)?)
+            .context("stage teacher")?;
+        for level in &run.probe {
+            eprintln!("teacher: {level}");
+        }
     }
     time("teacher", t0);
 

@@ -3,8 +3,10 @@
 //!
 //! 1. **Background**: the palette colour most of the border pixels are nearest to; its observed colour is
 //!    the mean of those border pixels.
-//! 2. **Foreground colour**: among the pixels whose nearest palette colour is not the background's, the most
-//!    common nearest palette colour (blurred edges blend into third colours, but only on a thin ring).
+//! 2. **Foreground colour**: the most common nearest palette colour (other than the background's) among the
+//!    shape's *core*: the pixels at least ¾ as far from the background's colour as the 99th percentile
+//!    pixel. Blurred edges blend into third colours on a ring around the shape, and on a small shape the
+//!    ring can outnumber the inside; the core leaves it out.
 //! 3. **Coverage**: each pixel's position between the observed background and foreground means, projected
 //!    on the line through them and clamped to [0, 1] (a soft mask: blur keeps its total, noise averages
 //!    out); the binary mask is coverage ≥ ½, reduced to its largest 4-connected component.
@@ -62,18 +64,25 @@ pub fn analyse(image: &RgbImage) -> Option<Analysis> {
             .copied(),
     )?;
 
-    // 2. Foreground colour: the commonest non-background label.
+    // 2. Foreground colour: the commonest non-background label among the pixels that differ most from
+    //    the background (the shape's core).
     let labels: Vec<Colour> = image
         .pixels()
         .map(|p| Colour::nearest(p.0.map(f32::from)))
         .collect();
-    let colour = mode(labels.iter().copied().filter(|c| *c != background))?;
+    let contrast: Vec<f32> = image
+        .pixels()
+        .map(|p| dist2(p.0.map(f32::from), bg_mean).sqrt())
+        .collect();
+    let far = percentile(&contrast, CORE_PERCENTILE);
+    let core = |i: usize| contrast[i] >= CORE_FRACTION * far && labels[i] != background;
+    let colour = mode((0..labels.len()).filter(|&i| core(i)).map(|i| labels[i]))?;
     let fg_mean = mean(
         image
             .pixels()
-            .zip(&labels)
-            .filter(|(_, l)| **l == colour)
-            .map(|(p, _)| p.0.map(f32::from)),
+            .enumerate()
+            .filter(|&(i, _)| core(i) && labels[i] == colour)
+            .map(|(_, p)| p.0.map(f32::from)),
     )?;
 
     // 3. Coverage and the mask's largest component.
@@ -196,6 +205,28 @@ fn template_score(
         }
     }
     best
+}
+
+/// The contrast (distance from the background's mean colour) that stands for "the foreground" is this
+/// percentile of all pixels' contrasts: high enough to be inside the shape (the smallest shape covers
+/// ≈2.4 % of the picture), low enough to ignore a few stray pixels.
+const CORE_PERCENTILE: f32 = 0.99;
+/// Pixels at least this fraction of that contrast away from the background are the shape's core. Blur
+/// mixes the foreground into the background on a ring around the shape, and a mix is often nearest to a
+/// third palette colour (red over blue reads purple until it is ≈ 70 % red); a small blurred shape
+/// can have more such ring pixels than core pixels, so the colour is read from the core only.
+const CORE_FRACTION: f32 = 0.75;
+
+fn dist2(a: [f32; 3], b: [f32; 3]) -> f32 {
+    (0..3).map(|i| (a[i] - b[i]).powi(2)).sum()
+}
+
+/// The `q` quantile of `values` (nearest rank).
+fn percentile(values: &[f32], q: f32) -> f32 {
+    let mut v = values.to_vec();
+    v.sort_by(f32::total_cmp);
+    let i = ((q * v.len() as f32).ceil() as usize).clamp(1, v.len().max(1)) - 1;
+    v.get(i).copied().unwrap_or(0.0)
 }
 
 /// The most frequent value (ties go to the palette's earlier colour, so the result is deterministic).

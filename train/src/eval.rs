@@ -245,9 +245,15 @@ pub fn evaluate_edges(
 }
 
 /// The analyser's accuracy on the VAE's reconstructions (encode → mean → decode) of `samples`' own
-/// pictures: the ceiling any diffusion model decoded by this VAE can reach.
-pub fn vae_round_trip(vae: &Vae, samples: &[Sample], side: u32) -> Result<PromptAccuracy> {
+/// pictures: the ceiling any diffusion model decoded by this VAE can reach. Also returns the
+/// reconstructions, in `samples`' order.
+pub fn vae_round_trip(
+    vae: &Vae,
+    samples: &[Sample],
+    side: u32,
+) -> Result<(PromptAccuracy, Vec<RgbImage>)> {
     let mut accuracy = PromptAccuracy::default();
+    let mut out = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(32) {
         let images = chunk
             .iter()
@@ -259,7 +265,8 @@ pub fn vae_round_trip(vae: &Vae, samples: &[Sample], side: u32) -> Result<Prompt
                 &s.scene.attributes,
                 analyse(&image).map(|a| a.attributes).as_ref(),
             );
+            out.push(image);
         }
     }
-    Ok(accuracy)
+    Ok((accuracy, out))
 }

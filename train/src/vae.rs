@@ -61,6 +61,18 @@ pub struct VaeTrainConfig {
     /// a crop teaches the same local reconstruction at a fraction of the cost. `None`: whole images.
     #[serde(default)]
     pub crop_size: Option<u32>,
+    /// Extra weight of the shape's pixels in the reconstruction error: each pixel counts
+    /// `1 + foreground_weight · [pixel differs from the background]`, normalised by the mean weight.
+    /// Why: the shapes cover 2–17 % of a picture, so a plain MSE is won by the background; the first
+    /// VAE that reached a held-out MSE of 0.028 drew flat backgrounds with shapeless, off-colour
+    /// blobs, and the analyser read back 40 % of the shapes. 0: plain MSE (left out of saved configs).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub foreground_weight: f64,
+    /// With `crop_size`: every crop holds its image's shape centre (on the latent grid), so no step is
+    /// spent on crops of bare background (a 32² crop of a 64² picture missed the shape about half the
+    /// time). Left out of saved configs when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub crop_on_shape: bool,
     /// Weight of the KL term; both terms are per-element means. SD's 1e-6 on sums would be ≈2e-8 here:
     /// this stronger pull keeps the latents near unit scale for the diffusion stages.
     pub kl_weight: f64,
@@ -81,6 +93,8 @@ impl Default for VaeTrainConfig {
             norm_num_groups: 8,
             batch_size: 8,
             crop_size: None,
+            foreground_weight: 0.0,
+            crop_on_shape: false,
             kl_weight: 1e-4,
             grad_clip: 1.0,
             optimizer: AdamWParams {
@@ -134,6 +148,15 @@ impl VaeTrainConfig {
                 ),
             );
         }
+        if !self.foreground_weight.is_finite() || self.foreground_weight < 0.0 {
+            return bad(
+                "foreground_weight",
+                format!("{} must be zero or positive", self.foreground_weight),
+            );
+        }
+        if self.crop_on_shape && self.crop_size.is_none() {
+            return bad("crop_on_shape", "needs crop_size".into());
+        }
         if self.batch_size == 0 || self.latent_channels == 0 || self.layers_per_block == 0 {
             return bad(
                 "batch_size",
@@ -156,6 +179,10 @@ impl VaeTrainConfig {
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
     }
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// GroupNorm epsilon of every SD-VAE block.
@@ -484,9 +511,26 @@ impl TrainableVae {
 
     /// The loss on `images` with the posterior sampled by `noise` (standard normal, latent-shaped).
     pub fn loss(&self, images: &Tensor, noise: &Tensor) -> Result<VaeLoss> {
+        self.weighted_loss(images, noise, None)
+    }
+
+    /// [`Self::loss`] with a per-pixel weight `(B, 1, H, W)` on the reconstruction error (normalised by its
+    /// mean, so a constant weight is the plain loss).
+    pub fn weighted_loss(
+        &self,
+        images: &Tensor,
+        noise: &Tensor,
+        weight: Option<&Tensor>,
+    ) -> Result<VaeLoss> {
         let (mean, logvar) = self.moments(images)?;
         let z = (&mean + (logvar.affine(0.5, 0.0)?.exp()? * noise)?)?;
-        let recon = (self.decode(&z)? - images)?.sqr()?.mean_all()?;
+        let err = (self.decode(&z)? - images)?.sqr()?;
+        let recon = match weight {
+            None => err.mean_all()?,
+            Some(w) => {
+                (err.broadcast_mul(w)?.mean_all()? / w.mean_all()?.to_scalar::<f32>()? as f64)?
+            }
+        };
         let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?
             .affine(0.5, 0.0)?
             .mean_all()?;
@@ -586,16 +630,78 @@ fn init(varmap: &VarMap, seed: u64, device: &Device) -> Result<()> {
 
 /// A random `crop`² window of each image, its corner on the `grid`-pixel lattice (so crops line up with the
 /// latent cells as whole images do).
-fn crop_batch(x: &Tensor, crop: usize, grid: usize, rng: &mut impl Rng) -> Result<Tensor> {
-    let (b, _, h, w) = x.dims4()?;
-    let list = (0..b)
-        .map(|i| {
-            let top = rng.random_range(0..=(h - crop) / grid) * grid;
-            let left = rng.random_range(0..=(w - crop) / grid) * grid;
-            Ok(x.get(i)?.narrow(1, top, crop)?.narrow(2, left, crop)?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&list, 0)?)
+/// Random `crop`² windows on the latent grid, the same window for every tensor of `xs` (images and their
+/// weights). With `centres` (row, column per image), only windows holding the image's centre.
+fn crop_batch(
+    xs: &[&Tensor],
+    crop: usize,
+    grid: usize,
+    centres: Option<&[(usize, usize)]>,
+    rng: &mut impl Rng,
+) -> Result<Vec<Tensor>> {
+    let (b, _, h, w) = xs[0].dims4()?;
+    // Grid-aligned starts in 0..=limit whose window [start, start + crop) holds `c`.
+    let pick = |limit: usize, c: Option<usize>, rng: &mut dyn rand::RngCore| {
+        let all = limit / grid;
+        let (lo, hi) = match c {
+            Some(c) => (
+                (c + 1).saturating_sub(crop).div_ceil(grid),
+                (c / grid).min(all),
+            ),
+            None => (0, all),
+        };
+        let (lo, hi) = if lo <= hi { (lo, hi) } else { (0, all) };
+        rng.random_range(lo..=hi) * grid
+    };
+    let mut out = vec![Vec::with_capacity(b); xs.len()];
+    for i in 0..b {
+        let c = centres.map(|c| c[i]);
+        let top = pick(h - crop, c.map(|c| c.0), rng);
+        let left = pick(w - crop, c.map(|c| c.1), rng);
+        for (x, list) in xs.iter().zip(&mut out) {
+            list.push(x.get(i)?.narrow(1, top, crop)?.narrow(2, left, crop)?);
+        }
+    }
+    out.iter().map(|list| Ok(Tensor::stack(list, 0)?)).collect()
+}
+
+/// For `count` training images: `(count, 1, H, W)` of 1 where a pixel is not the background colour, and
+/// each shape's centre (row, column; the mask's bounding-box centre).
+pub fn foreground(
+    config: &VaeTrainConfig,
+    count: u64,
+    device: &Device,
+) -> Result<(Tensor, Vec<(usize, usize)>)> {
+    let data = DatasetConfig {
+        image_size: config.image_size,
+        seed: config.seed,
+        ..Default::default()
+    };
+    let side = config.image_size as usize;
+    let mut masks = Vec::with_capacity(count as usize * side * side);
+    let mut centres = Vec::with_capacity(count as usize);
+    for s in data.samples(Split::Train, count) {
+        let bg = s.scene.background.rgb();
+        let img = s.scene.render(config.image_size);
+        let (mut y0, mut y1, mut x0, mut x1) = (side, 0, side, 0);
+        for (x, y, p) in img.enumerate_pixels() {
+            let on = p.0 != bg;
+            masks.push(on as u8 as f32);
+            if on {
+                let (x, y) = (x as usize, y as usize);
+                (y0, y1, x0, x1) = (y0.min(y), y1.max(y), x0.min(x), x1.max(x));
+            }
+        }
+        centres.push(if y0 <= y1 {
+            ((y0 + y1) / 2, (x0 + x1) / 2)
+        } else {
+            (side / 2, side / 2)
+        });
+    }
+    Ok((
+        Tensor::from_vec(masks, (count as usize, 1, side, side), device)?,
+        centres,
+    ))
 }
 
 /// An RGB image as a (3, H, W) tensor in [−1, 1].
@@ -730,6 +836,11 @@ pub fn train(
     let probe = images(config, Split::HeldOut, 8, device)?;
     let probe_before = model.reconstruction_mse(&probe)?;
     let pool = training_images(config, config.dataset_size, device)?;
+    let fg = if config.foreground_weight > 0.0 || config.crop_on_shape {
+        Some(foreground(config, config.dataset_size, device)?)
+    } else {
+        None
+    };
     let latent = config.image_size as usize / config.scale_factor();
     let progress = Progress::new(STAGE, step, opts.steps.max(step), opts.progress);
     let mut run = VaeRun {
@@ -752,20 +863,41 @@ pub fn train(
         let idx: Vec<u32> = (0..config.batch_size)
             .map(|_| rng.random_range(0..config.dataset_size as u32))
             .collect();
-        let x = pool.index_select(&Tensor::new(idx.as_slice(), device)?, 0)?;
-        let (x, latent) = match config.crop_size {
-            Some(crop) => (
-                crop_batch(&x, crop as usize, config.scale_factor(), &mut rng)?,
-                crop as usize / config.scale_factor(),
-            ),
-            None => (x, latent),
+        let idx_t = Tensor::new(idx.as_slice(), device)?;
+        let x = pool.index_select(&idx_t, 0)?;
+        let wgt = match &fg {
+            Some((mask, _)) => {
+                Some((mask.index_select(&idx_t, 0)? * config.foreground_weight)?.affine(1.0, 1.0)?)
+            }
+            None => None,
+        };
+        let centres: Option<Vec<(usize, usize)>> = match (&fg, config.crop_on_shape) {
+            (Some((_, c)), true) => Some(idx.iter().map(|&i| c[i as usize]).collect()),
+            _ => None,
+        };
+        let (x, wgt, latent) = match config.crop_size {
+            Some(crop) => {
+                let mut xs = vec![&x];
+                xs.extend(wgt.as_ref());
+                let mut cropped = crop_batch(
+                    &xs,
+                    crop as usize,
+                    config.scale_factor(),
+                    centres.as_deref(),
+                    &mut rng,
+                )?
+                .into_iter();
+                let x = cropped.next().expect("the images' crop");
+                (x, cropped.next(), crop as usize / config.scale_factor())
+            }
+            None => (x, wgt, latent),
         };
         let noise = seed::randn(
             &mut seed::rng(config.seed, step, Stream::Noise),
             &[config.batch_size, config.latent_channels, latent, latent],
             device,
         )?;
-        let loss = model.loss(&x, &noise)?;
+        let loss = model.weighted_loss(&x, &noise, wgt.as_ref())?;
         let value = loss.total.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(Error::NonFiniteLoss {
@@ -809,4 +941,88 @@ pub fn train(
     run.vae_dir = Some(vae_dir);
     run.scaling_factor = Some(scaling_factor);
     Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shape-centred crops hold the centre wherever it is, on the latent grid; plain crops roam.
+    #[test]
+    fn shape_crops_hold_the_centre() {
+        let x = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::arange(0f32, 64.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 64))
+            .unwrap()
+            .broadcast_add(&x)
+            .unwrap();
+        let mut rng = seed::rng(5, 0, Stream::Batch);
+        for c in [0usize, 7, 8, 31, 32, 40, 63] {
+            for _ in 0..20 {
+                let out = crop_batch(&[&x], 32, 8, Some(&[(c, c)]), &mut rng).unwrap();
+                let cols: Vec<f32> = out[0]
+                    .get(0)
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let left = cols[0] as usize;
+                assert_eq!(left % 8, 0);
+                assert!(
+                    (left..left + 32).contains(&c),
+                    "centre {c}, window {left}.."
+                );
+            }
+        }
+        let lefts: std::collections::HashSet<usize> = (0..200)
+            .map(|_| {
+                let out = crop_batch(&[&x], 32, 8, None, &mut rng).unwrap();
+                out[0]
+                    .get(0)
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()[0] as usize
+            })
+            .collect();
+        assert_eq!(lefts.len(), 5, "{lefts:?}");
+    }
+
+    /// The foreground mask is exactly the pixels the scene did not paint with its background, and the
+    /// centre lies on the shape's box.
+    #[test]
+    fn foreground_is_the_shape() {
+        let config = VaeTrainConfig::default();
+        let (mask, centres) = foreground(&config, 6, &Device::Cpu).unwrap();
+        let data = DatasetConfig {
+            seed: config.seed,
+            ..Default::default()
+        };
+        for (i, s) in data.samples(Split::Train, 6).iter().enumerate() {
+            let img = s.scene.render(64);
+            let bg = s.scene.background.rgb();
+            let want = img.pixels().filter(|p| p.0 != bg).count();
+            let got = mask
+                .get(i)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(got as usize, want);
+            let (cy, cx) = centres[i];
+            assert_ne!(
+                img.get_pixel(cx as u32, cy as u32).0,
+                bg,
+                "sample {i}: centre off the shape"
+            );
+        }
+    }
 }

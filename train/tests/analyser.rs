@@ -90,3 +90,22 @@ fn blurred_and_noisy_images() {
     });
     assert_at_least("blur + noise", &both, 0.99);
 }
+
+/// Twice the 3×3 blur (a 5×5 tent, about the softness of the trained VAE's reconstructions): the
+/// edges of a small shape are a ring of mixed colours as wide as its inside.
+#[test]
+fn strongly_blurred_images() {
+    let config = DatasetConfig {
+        seed: 14,
+        ..Default::default()
+    };
+    let side = config.image_size;
+    let acc = score(&config, N_TRAIN, N_HELD_OUT, |s, i| {
+        perturb::gaussian_noise(
+            &perturb::box_blur(&perturb::box_blur(&s.render(side))),
+            10.0,
+            i,
+        )
+    });
+    assert_at_least("5x5 tent blur + noise", &acc, 0.97);
+}

@@ -341,3 +341,38 @@ fn the_exported_vae_loads_in_inference_and_round_trips_better_than_at_init() -> 
     assert_eq!(latents.dtype(), DType::F32);
     Ok(())
 }
+
+/// A constant pixel weight is the plain loss (the weight is normalised by its mean); a weight on some
+/// pixels changes it.
+#[test]
+fn a_constant_weight_is_the_plain_loss() -> Result<()> {
+    let config = tiny();
+    let model = TrainableVae::new(&config, &Device::Cpu)?;
+    let x = vae::training_images(&config, 2, &Device::Cpu)?;
+    let noise = seed::randn(
+        &mut seed::rng(1, 0, Stream::Noise),
+        &[2, 4, 8, 8],
+        &Device::Cpu,
+    )?;
+    let plain = model.loss(&x, &noise)?.recon.to_scalar::<f32>()?;
+    let three = Tensor::full(3f32, (2, 1, 64, 64), &Device::Cpu)?;
+    let same = model
+        .weighted_loss(&x, &noise, Some(&three))?
+        .recon
+        .to_scalar::<f32>()?;
+    assert!(
+        (plain - same).abs() <= 1e-6 * plain.abs(),
+        "{plain} vs {same}"
+    );
+    let (mask, _) = vae::foreground(&config, 2, &Device::Cpu)?;
+    let w = (mask * 10.0)?.affine(1.0, 1.0)?;
+    let weighted = model
+        .weighted_loss(&x, &noise, Some(&w))?
+        .recon
+        .to_scalar::<f32>()?;
+    assert!(
+        (weighted - plain).abs() > 1e-4 * plain.abs(),
+        "{plain} vs {weighted}"
+    );
+    Ok(())
+}

@@ -290,6 +290,12 @@ struct VaeArgs {
     /// Train on random crops of this side (a multiple of 8) instead of whole images.
     #[arg(long)]
     crop: Option<u32>,
+    /// With --crop: every crop holds its image's shape.
+    #[arg(long, requires = "crop")]
+    crop_on_shape: bool,
+    /// Extra weight of the shape's pixels in the reconstruction error (0: plain MSE).
+    #[arg(long, default_value_t = 0.0)]
+    foreground_weight: f64,
     #[arg(long, default_value_t = VaeTrainConfig::default().kl_weight)]
     kl_weight: f64,
     /// Latent channels (SD's 4; more make reconstruction easier at the DiT's expense).
@@ -321,6 +327,8 @@ fn main() -> anyhow::Result<()> {
                 seed: a.seed,
                 batch_size: a.batch_size,
                 crop_size: a.crop,
+                crop_on_shape: a.crop_on_shape,
+                foreground_weight: a.foreground_weight,
                 latent_channels: a.latent_channels,
                 kl_weight: a.kl_weight,
                 block_out_channels: a.channels,
@@ -371,8 +379,23 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 };
                 let scenes = eval::prompts(&data, Split::Train, a.ceiling, &Default::default());
-                let round_trip = eval::vae_round_trip(&vae_model, &scenes, 64)?;
+                let (round_trip, images) = eval::vae_round_trip(&vae_model, &scenes, 64)?;
                 eprintln!("vae: round trip of {} scenes · {round_trip}", a.ceiling);
+                // Originals and reconstructions side by side, with what the analyser read.
+                let mut pairs = Vec::new();
+                let mut captions = Vec::new();
+                for (s, image) in scenes.iter().zip(images).take(32) {
+                    let read = pixart_train::analyse::analyse(&image)
+                        .map_or("nothing".to_string(), |r| format!("{:?}", r.attributes));
+                    captions.push(s.caption.clone());
+                    captions.push(format!("read: {read}"));
+                    pairs.push(s.scene.render(64));
+                    pairs.push(image);
+                }
+                let path = a.out.join("round_trip.png");
+                let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+                pixart_train::sheet::write(&path, &pairs, &refs, 8, 64)?;
+                eprintln!("vae: originals and reconstructions in {}", path.display());
             }
         }
         Command::Text(a) => {
@@ -853,7 +876,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
         let mut rows = Vec::new();
         let unseen = eval::prompts(&data, Split::Train, count, &exclude);
         let held_out = eval::prompts(&data, Split::HeldOut, count, &exclude);
-        let round_trip = eval::vae_round_trip(&vae_model, &unseen, 64)?;
+        let (round_trip, _) = eval::vae_round_trip(&vae_model, &unseen, 64)?;
         println!("VAE round trip (the ceiling) · {round_trip}");
         report["vae_round_trip"] = serde_json::json!({
             "n": round_trip.total, "colour": round_trip.colour_rate(), "shape": round_trip.shape_rate(),

@@ -20,7 +20,7 @@
 
 use image::RgbImage;
 
-use crate::attributes::{Attributes, Colour, Position, Shape, Size};
+use crate::attributes::{Attributes, Colour, Position, Shape, Size, dist2};
 use crate::scene::{contains, half_extent};
 
 /// What the analyser read, with the measurements behind it (for debugging and thresholds).
@@ -216,10 +216,6 @@ const CORE_PERCENTILE: f32 = 0.99;
 /// third palette colour (red over blue reads purple until it is ≈ 70 % red); a small blurred shape
 /// can have more such ring pixels than core pixels, so the colour is read from the core only.
 const CORE_FRACTION: f32 = 0.75;
-
-fn dist2(a: [f32; 3], b: [f32; 3]) -> f32 {
-    (0..3).map(|i| (a[i] - b[i]).powi(2)).sum()
-}
 
 /// The `q` quantile of `values` (nearest rank).
 fn percentile(values: &[f32], q: f32) -> f32 {

@@ -65,7 +65,7 @@ impl Colour {
     pub fn nearest(rgb: [f32; 3]) -> Colour {
         let mut best = (f32::INFINITY, Colour::Red);
         for c in Colour::ALL {
-            let d = dist2(rgb, c.rgb());
+            let d = dist2(rgb, c.rgb().map(f32::from));
             if d < best.0 {
                 best = (d, c);
             }
@@ -74,9 +74,9 @@ impl Colour {
     }
 }
 
-/// Squared Euclidean distance between a float RGB and a palette RGB.
-pub(crate) fn dist2(a: [f32; 3], b: [u8; 3]) -> f32 {
-    (0..3).map(|i| (a[i] - b[i] as f32).powi(2)).sum()
+/// Squared Euclidean distance between two float RGBs.
+pub(crate) fn dist2(a: [f32; 3], b: [f32; 3]) -> f32 {
+    (0..3).map(|i| (a[i] - b[i]).powi(2)).sum()
 }
 
 /// A foreground shape.
@@ -223,7 +223,7 @@ mod tests {
         for (i, a) in Colour::ALL.iter().enumerate() {
             for b in &Colour::ALL[i + 1..] {
                 let ra = a.rgb().map(f32::from);
-                min = min.min(dist2(ra, b.rgb()).sqrt());
+                min = min.min(dist2(ra, b.rgb().map(f32::from)).sqrt());
             }
             assert_eq!(Colour::nearest(a.rgb().map(f32::from)), *a);
         }

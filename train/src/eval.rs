@@ -17,6 +17,7 @@ use pixart::vae::Vae;
 
 use crate::Result;
 use crate::analyse::analyse;
+use crate::attributes::Attributes;
 use crate::dataset::{DatasetConfig, Sample, Split};
 use crate::metrics::PromptAccuracy;
 use crate::prep::Text;
@@ -47,6 +48,15 @@ impl std::fmt::Display for Sampler {
             Sampler::Ddim { steps, cfg } => write!(f, "DDIM {steps} steps, CFG {cfg}"),
             Sampler::Lcm { steps } => write!(f, "LCM {steps} steps"),
         }
+    }
+}
+
+/// The world evaluation prompts are drawn from for a run trained at `train_seed`: the same dataset at
+/// another seed (its captions may still repeat training ones; [`prompts`] leaves those out).
+pub fn unseen_world(train_seed: u64) -> DatasetConfig {
+    DatasetConfig {
+        seed: train_seed + 1_000_003,
+        ..Default::default()
     }
 }
 
@@ -244,14 +254,17 @@ pub fn evaluate_edges(
     })
 }
 
+/// A VAE reconstruction and what the analyser read in it (`None`: nothing).
+pub type Reconstruction = (RgbImage, Option<Attributes>);
+
 /// The analyser's accuracy on the VAE's reconstructions (encode → mean → decode) of `samples`' own
-/// pictures: the ceiling any diffusion model decoded by this VAE can reach. Also returns the
-/// reconstructions, in `samples`' order.
+/// pictures: the ceiling any diffusion model decoded by this VAE can reach. Also returns each
+/// reconstruction with what the analyser read in it, in `samples`' order.
 pub fn vae_round_trip(
     vae: &Vae,
     samples: &[Sample],
     side: u32,
-) -> Result<(PromptAccuracy, Vec<RgbImage>)> {
+) -> Result<(PromptAccuracy, Vec<Reconstruction>)> {
     let mut accuracy = PromptAccuracy::default();
     let mut out = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(32) {
@@ -261,11 +274,9 @@ pub fn vae_round_trip(
             .collect::<Result<Vec<_>>>()?;
         let z = vae.encode_mean(&Tensor::stack(&images, 0)?)?;
         for (s, image) in chunk.iter().zip(sample::decode(vae, &z)?) {
-            accuracy.add(
-                &s.scene.attributes,
-                analyse(&image).map(|a| a.attributes).as_ref(),
-            );
-            out.push(image);
+            let read = analyse(&image).map(|a| a.attributes);
+            accuracy.add(&s.scene.attributes, read.as_ref());
+            out.push((image, read));
         }
     }
     Ok((accuracy, out))

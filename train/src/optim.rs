@@ -71,7 +71,19 @@ pub enum LrSchedule {
     Cosine { warmup: u64, steps: u64, floor: f64 },
 }
 
+/// Where [`LrSchedule::cosine`] ends: a tenth of the peak rate.
+pub const COSINE_FLOOR: f64 = 0.1;
+
 impl LrSchedule {
+    /// Warm-up over `warmup` steps, then a half cosine to [`COSINE_FLOOR`] × peak at step `steps`.
+    pub fn cosine(warmup: u64, steps: u64) -> Self {
+        LrSchedule::Cosine {
+            warmup,
+            steps,
+            floor: COSINE_FLOOR,
+        }
+    }
+
     pub fn is_constant(&self) -> bool {
         *self == LrSchedule::Constant
     }
@@ -266,18 +278,15 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
-    /// Matches candle-nn's AdamW (the same update written independently) over a few steps.
-    #[test]
-    fn same_updates_as_candle_adamw() {
+    /// Runs `steps` updates of `params` on a 2×2 variable beside candle-nn's AdamW, whose rate is set
+    /// before every step to peak × the schedule's factor (the weight decay scaled with it, as in
+    /// PyTorch's schedulers); returns ours and the largest difference between the two variables.
+    fn beside_candle_adamw(params: AdamWParams, steps: u64) -> (AdamW, f32) {
         use candle_nn::Optimizer;
         let d = Device::Cpu;
         let init = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.1]], &d).unwrap();
         let a = Var::from_tensor(&init).unwrap();
         let b = Var::from_tensor(&init).unwrap();
-        let params = AdamWParams {
-            lr: 0.05,
-            ..Default::default()
-        };
         let mut ours = AdamW::new(vec![("w".into(), a.clone())], params.clone()).unwrap();
         let mut theirs = candle_nn::AdamW::new(
             vec![b.clone()],
@@ -290,9 +299,10 @@ mod tests {
             },
         )
         .unwrap();
-        for _ in 0..5 {
+        for step in 0..steps {
             let la = a.as_tensor().sqr().unwrap().sum_all().unwrap();
             ours.step(&la.backward().unwrap()).unwrap();
+            theirs.set_learning_rate(params.lr * params.schedule.factor(step));
             let lb = b.as_tensor().sqr().unwrap().sum_all().unwrap();
             theirs.step(&lb.backward().unwrap()).unwrap();
         }
@@ -304,6 +314,17 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
+        (ours, diff)
+    }
+
+    /// Matches candle-nn's AdamW (the same update written independently) over a few steps.
+    #[test]
+    fn same_updates_as_candle_adamw() {
+        let params = AdamWParams {
+            lr: 0.05,
+            ..Default::default()
+        };
+        let (ours, diff) = beside_candle_adamw(params, 5);
         assert!(diff < 1e-6, "{diff}");
         assert_eq!(ours.steps(), 5);
         // The moments hold values, not the graph of the steps that made them (a leak of every step's
@@ -313,52 +334,19 @@ mod tests {
         }
     }
 
-    /// A scheduled run is candle-nn's AdamW with its rate set before every step to peak × factor (the
-    /// weight decay scaled with it, as in PyTorch's schedulers).
+    /// A scheduled run is candle-nn's AdamW with its rate set before every step to peak × factor.
     #[test]
     fn a_cosine_schedule_steps_as_candle_adamw_at_the_scheduled_rate() {
-        use candle_nn::Optimizer;
-        let d = Device::Cpu;
-        let init = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.1]], &d).unwrap();
-        let a = Var::from_tensor(&init).unwrap();
-        let b = Var::from_tensor(&init).unwrap();
-        let schedule = LrSchedule::Cosine {
-            warmup: 2,
-            steps: 6,
-            floor: 0.1,
-        };
         let params = AdamWParams {
             lr: 0.05,
-            schedule,
+            schedule: LrSchedule::Cosine {
+                warmup: 2,
+                steps: 6,
+                floor: 0.1,
+            },
             ..Default::default()
         };
-        let mut ours = AdamW::new(vec![("w".into(), a.clone())], params.clone()).unwrap();
-        let mut theirs = candle_nn::AdamW::new(
-            vec![b.clone()],
-            candle_nn::ParamsAdamW {
-                lr: params.lr,
-                beta1: params.beta1,
-                beta2: params.beta2,
-                eps: params.eps,
-                weight_decay: params.weight_decay,
-            },
-        )
-        .unwrap();
-        for step in 0..8 {
-            let la = a.as_tensor().sqr().unwrap().sum_all().unwrap();
-            ours.step(&la.backward().unwrap()).unwrap();
-            theirs.set_learning_rate(params.lr * schedule.factor(step));
-            let lb = b.as_tensor().sqr().unwrap().sum_all().unwrap();
-            theirs.step(&lb.backward().unwrap()).unwrap();
-        }
-        let diff = (a.as_tensor() - b.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (_, diff) = beside_candle_adamw(params, 8);
         assert!(diff < 1e-6, "{diff}");
     }
 

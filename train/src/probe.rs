@@ -7,13 +7,14 @@
 //! loss says. The x0 error is in units of the latents' variance (1 after `scaling_factor`): 1 is no
 //! better than predicting the mean.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use pixart::transformer::PixArtTransformer;
 use serde::Serialize;
 
 use crate::Result;
 use crate::lcd::{NoiseSchedule, add_noise};
 use crate::prep::{LatentPool, Text};
+use crate::sample::epsilon;
 use crate::seed::{self, Stream};
 
 /// The timesteps probed: nearly clean to nearly pure noise.
@@ -41,7 +42,6 @@ pub fn probe(
     let device = model.device().clone();
     let n = count.min(pool.samples.len());
     let x0 = pool.latents.narrow(0, 0, n)?;
-    let c = x0.dim(1)?;
     let noise = seed::randn(&mut seed::rng(seed, 0, Stream::Noise), x0.dims(), &device)?;
     let captions: Vec<Option<&str>> = pool.samples[..n]
         .iter()
@@ -54,24 +54,15 @@ pub fn probe(
     for &t in &TIMESTEPS {
         let a = vec![ac[t]; n];
         let x_t = add_noise(&x0, &noise, &a)?;
-        let tt = Tensor::from_vec(vec![t as f32; n], n, &device)?;
-        let eps = |y: &Tensor, m: &Tensor| -> Result<Tensor> {
-            Ok(model
-                .forward(&x_t, &tt, y, Some(m), None)?
-                .to_dtype(DType::F32)?
-                .narrow(1, 0, c)?
-                .detach())
-        };
-        let mse = |e: &Tensor| -> Result<f32> {
+        let mse = |y: &Tensor, m: &Tensor| -> Result<f32> {
+            let e = epsilon(model, &x_t, t as f32, y, m)?;
             Ok((e - &noise)?.sqr()?.mean_all()?.to_scalar::<f32>()?)
         };
-        let e = eps(&y, &mask)?;
-        let e0 = eps(&y0, &mask0)?;
-        let eps_mse = mse(&e)?;
+        let eps_mse = mse(&y, &mask)?;
         out.push(NoiseLevel {
             t,
             eps_mse,
-            eps_mse_uncond: mse(&e0)?,
+            eps_mse_uncond: mse(&y0, &mask0)?,
             x0_mse: (eps_mse as f64 * (1.0 - ac[t]) / ac[t]) as f32,
         });
     }

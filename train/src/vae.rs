@@ -629,9 +629,8 @@ fn init(varmap: &VarMap, seed: u64, device: &Device) -> Result<()> {
 }
 
 /// A random `crop`² window of each image, its corner on the `grid`-pixel lattice (so crops line up with the
-/// latent cells as whole images do).
-/// Random `crop`² windows on the latent grid, the same window for every tensor of `xs` (images and their
-/// weights). With `centres` (row, column per image), only windows holding the image's centre.
+/// latent cells as whole images do), the same window for every tensor of `xs` (images and their weights).
+/// With `centres` (row, column per image), only windows holding the image's centre.
 fn crop_batch(
     xs: &[&Tensor],
     crop: usize,
@@ -665,22 +664,24 @@ fn crop_batch(
     out.iter().map(|list| Ok(Tensor::stack(list, 0)?)).collect()
 }
 
-/// For `count` training images: `(count, 1, H, W)` of 1 where a pixel is not the background colour, and
-/// each shape's centre (row, column; the mask's bounding-box centre).
-pub fn foreground(
-    config: &VaeTrainConfig,
-    count: u64,
-    device: &Device,
-) -> Result<(Tensor, Vec<(usize, usize)>)> {
-    let data = DatasetConfig {
-        image_size: config.image_size,
-        seed: config.seed,
-        ..Default::default()
-    };
+/// The training images with what the foreground options need, rendered once.
+#[derive(Debug)]
+pub struct TrainingPool {
+    /// `(count, 3, H, W)` in [−1, 1], as [`training_images`].
+    pub images: Tensor,
+    /// `(count, 1, H, W)`: 1 where a pixel is not the background colour.
+    pub foreground: Tensor,
+    /// Each shape's centre (row, column): its foreground's bounding-box centre.
+    pub centres: Vec<(usize, usize)>,
+}
+
+/// Training images `0..count` (the images of [`training_images`]) with their shapes' masks and centres.
+pub fn training_pool(config: &VaeTrainConfig, count: u64, device: &Device) -> Result<TrainingPool> {
     let side = config.image_size as usize;
+    let mut images = Vec::with_capacity(count as usize);
     let mut masks = Vec::with_capacity(count as usize * side * side);
     let mut centres = Vec::with_capacity(count as usize);
-    for s in data.samples(Split::Train, count) {
+    for s in dataset(config)?.samples(Split::Train, count) {
         let bg = s.scene.background.rgb();
         let img = s.scene.render(config.image_size);
         let (mut y0, mut y1, mut x0, mut x1) = (side, 0, side, 0);
@@ -697,11 +698,13 @@ pub fn foreground(
         } else {
             (side / 2, side / 2)
         });
+        images.push(image_to_tensor(&img, device)?);
     }
-    Ok((
-        Tensor::from_vec(masks, (count as usize, 1, side, side), device)?,
+    Ok(TrainingPool {
+        images: Tensor::stack(&images, 0)?,
+        foreground: Tensor::from_vec(masks, (count as usize, 1, side, side), device)?,
         centres,
-    ))
+    })
 }
 
 /// An RGB image as a (3, H, W) tensor in [−1, 1].
@@ -725,18 +728,23 @@ pub fn images(
     count: u64,
     device: &Device,
 ) -> Result<Tensor> {
+    let list = dataset(config)?
+        .samples(split, count)
+        .iter()
+        .map(|s| image_to_tensor(&s.scene.render(config.image_size), device))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&list, 0)?)
+}
+
+/// The dataset the VAE trains on: the config's seed and image size.
+fn dataset(config: &VaeTrainConfig) -> Result<DatasetConfig> {
     let data = DatasetConfig {
         image_size: config.image_size,
         seed: config.seed,
         ..Default::default()
     };
     data.validate()?;
-    let list = data
-        .samples(split, count)
-        .iter()
-        .map(|s| image_to_tensor(&s.scene.render(config.image_size), device))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&list, 0)?)
+    Ok(data)
 }
 
 /// How a run is driven (not part of its config: it may change between an interrupted run and its resume).
@@ -835,12 +843,11 @@ pub fn train(
     let start_step = step;
     let probe = images(config, Split::HeldOut, 8, device)?;
     let probe_before = model.reconstruction_mse(&probe)?;
-    let pool = training_images(config, config.dataset_size, device)?;
-    let fg = if config.foreground_weight > 0.0 || config.crop_on_shape {
-        Some(foreground(config, config.dataset_size, device)?)
-    } else {
-        None
-    };
+    let TrainingPool {
+        images: pool,
+        foreground,
+        centres,
+    } = training_pool(config, config.dataset_size, device)?;
     let latent = config.image_size as usize / config.scale_factor();
     let progress = Progress::new(STAGE, step, opts.steps.max(step), opts.progress);
     let mut run = VaeRun {
@@ -865,16 +872,15 @@ pub fn train(
             .collect();
         let idx_t = Tensor::new(idx.as_slice(), device)?;
         let x = pool.index_select(&idx_t, 0)?;
-        let wgt = match &fg {
-            Some((mask, _)) => {
-                Some((mask.index_select(&idx_t, 0)? * config.foreground_weight)?.affine(1.0, 1.0)?)
-            }
-            None => None,
+        let wgt = if config.foreground_weight > 0.0 {
+            let mask = foreground.index_select(&idx_t, 0)?;
+            Some((mask * config.foreground_weight)?.affine(1.0, 1.0)?)
+        } else {
+            None
         };
-        let centres: Option<Vec<(usize, usize)>> = match (&fg, config.crop_on_shape) {
-            (Some((_, c)), true) => Some(idx.iter().map(|&i| c[i as usize]).collect()),
-            _ => None,
-        };
+        let batch_centres: Option<Vec<(usize, usize)>> = config
+            .crop_on_shape
+            .then(|| idx.iter().map(|&i| centres[i as usize]).collect());
         let (x, wgt, latent) = match config.crop_size {
             Some(crop) => {
                 let mut xs = vec![&x];
@@ -883,7 +889,7 @@ pub fn train(
                     &xs,
                     crop as usize,
                     config.scale_factor(),
-                    centres.as_deref(),
+                    batch_centres.as_deref(),
                     &mut rng,
                 )?
                 .into_iter();
@@ -958,19 +964,20 @@ mod tests {
             .broadcast_add(&x)
             .unwrap();
         let mut rng = seed::rng(5, 0, Stream::Batch);
+        // The crop's first column: each pixel of `x` holds its column.
+        let left = |centres: Option<&[(usize, usize)]>, rng: &mut _| {
+            let out = crop_batch(&[&x], 32, 8, centres, rng).unwrap();
+            out[0]
+                .flatten_all()
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as usize
+        };
         for c in [0usize, 7, 8, 31, 32, 40, 63] {
             for _ in 0..20 {
-                let out = crop_batch(&[&x], 32, 8, Some(&[(c, c)]), &mut rng).unwrap();
-                let cols: Vec<f32> = out[0]
-                    .get(0)
-                    .unwrap()
-                    .get(0)
-                    .unwrap()
-                    .get(0)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let left = cols[0] as usize;
+                let left = left(Some(&[(c, c)]), &mut rng);
                 assert_eq!(left % 8, 0);
                 assert!(
                     (left..left + 32).contains(&c),
@@ -978,20 +985,8 @@ mod tests {
                 );
             }
         }
-        let lefts: std::collections::HashSet<usize> = (0..200)
-            .map(|_| {
-                let out = crop_batch(&[&x], 32, 8, None, &mut rng).unwrap();
-                out[0]
-                    .get(0)
-                    .unwrap()
-                    .get(0)
-                    .unwrap()
-                    .get(0)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()[0] as usize
-            })
-            .collect();
+        let lefts: std::collections::HashSet<usize> =
+            (0..200).map(|_| left(None, &mut rng)).collect();
         assert_eq!(lefts.len(), 5, "{lefts:?}");
     }
 
@@ -1000,7 +995,8 @@ mod tests {
     #[test]
     fn foreground_is_the_shape() {
         let config = VaeTrainConfig::default();
-        let (mask, centres) = foreground(&config, 6, &Device::Cpu).unwrap();
+        let pool = training_pool(&config, 6, &Device::Cpu).unwrap();
+        let (mask, centres) = (pool.foreground, pool.centres);
         let data = DatasetConfig {
             seed: config.seed,
             ..Default::default()

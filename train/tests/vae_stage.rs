@@ -56,16 +56,22 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
-#[test]
-fn every_variable_gets_a_gradient() -> Result<()> {
-    let config = tiny();
-    let model = TrainableVae::new(&config, &Device::Cpu)?;
-    let x = vae::training_images(&config, 2, &Device::Cpu)?;
+/// A fresh model of `config`, its first two training images and posterior noise for them.
+fn two_images(config: &VaeTrainConfig) -> Result<(TrainableVae, Tensor, Tensor)> {
+    let model = TrainableVae::new(config, &Device::Cpu)?;
+    let x = vae::training_images(config, 2, &Device::Cpu)?;
     let noise = seed::randn(
         &mut seed::rng(1, 0, Stream::Noise),
         &[2, 4, 8, 8],
         &Device::Cpu,
     )?;
+    Ok((model, x, noise))
+}
+
+#[test]
+fn every_variable_gets_a_gradient() -> Result<()> {
+    let config = tiny();
+    let (model, x, noise) = two_images(&config)?;
     let loss = model.loss(&x, &noise)?;
     let grads = loss.total.backward()?;
     let vars = sorted_vars(model.varmap());
@@ -347,13 +353,7 @@ fn the_exported_vae_loads_in_inference_and_round_trips_better_than_at_init() -> 
 #[test]
 fn a_constant_weight_is_the_plain_loss() -> Result<()> {
     let config = tiny();
-    let model = TrainableVae::new(&config, &Device::Cpu)?;
-    let x = vae::training_images(&config, 2, &Device::Cpu)?;
-    let noise = seed::randn(
-        &mut seed::rng(1, 0, Stream::Noise),
-        &[2, 4, 8, 8],
-        &Device::Cpu,
-    )?;
+    let (model, x, noise) = two_images(&config)?;
     let plain = model.loss(&x, &noise)?.recon.to_scalar::<f32>()?;
     let three = Tensor::full(3f32, (2, 1, 64, 64), &Device::Cpu)?;
     let same = model
@@ -364,7 +364,7 @@ fn a_constant_weight_is_the_plain_loss() -> Result<()> {
         (plain - same).abs() <= 1e-6 * plain.abs(),
         "{plain} vs {same}"
     );
-    let (mask, _) = vae::foreground(&config, 2, &Device::Cpu)?;
+    let mask = vae::training_pool(&config, 2, &Device::Cpu)?.foreground;
     let w = (mask * 10.0)?.affine(1.0, 1.0)?;
     let weighted = model
         .weighted_loss(&x, &noise, Some(&w))?

@@ -114,11 +114,7 @@ struct ScheduleArgs {
 impl ScheduleArgs {
     fn schedule(&self, steps: u64) -> LrSchedule {
         if self.cosine {
-            LrSchedule::Cosine {
-                warmup: self.warmup,
-                steps,
-                floor: 0.1,
-            }
+            LrSchedule::cosine(self.warmup, steps)
         } else {
             LrSchedule::Constant
         }
@@ -375,19 +371,19 @@ fn main() -> anyhow::Result<()> {
             );
             if run.vae_dir.is_some() && a.ceiling > 0 {
                 let (vae_model, _) = pixart_train::prep::load_vae(&a.out)?;
-                let data = DatasetConfig {
-                    seed: a.seed + 1_000_003,
-                    ..Default::default()
-                };
-                let scenes = eval::prompts(&data, Split::Train, a.ceiling, &Default::default());
+                let scenes = eval::prompts(
+                    &eval::unseen_world(a.seed),
+                    Split::Train,
+                    a.ceiling,
+                    &Default::default(),
+                );
                 let (round_trip, images) = eval::vae_round_trip(&vae_model, &scenes, 64)?;
                 eprintln!("vae: round trip of {} scenes · {round_trip}", a.ceiling);
                 // Originals and reconstructions side by side, with what the analyser read.
                 let mut pairs = Vec::new();
                 let mut captions = Vec::new();
-                for (s, image) in scenes.iter().zip(images).take(32) {
-                    let read = pixart_train::analyse::analyse(&image)
-                        .map_or("nothing".to_string(), |r| format!("{:?}", r.attributes));
+                for (s, (image, read)) in scenes.iter().zip(images).take(32) {
+                    let read = read.map_or("nothing".to_string(), |r| format!("{r:?}"));
                     captions.push(s.caption.clone());
                     captions.push(format!("read: {read}"));
                     pairs.push(s.scene.render(64));
@@ -717,11 +713,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             latent_channels: 8,
             ..Default::default()
         };
-        config.optimizer.schedule = LrSchedule::Cosine {
-            warmup: pick(50, 1),
-            steps: pick(a.vae_steps, 3),
-            floor: 0.1,
-        };
+        config.optimizer.schedule = LrSchedule::cosine(pick(50, 1), pick(a.vae_steps, 3));
         if smoke {
             config = VaeTrainConfig {
                 block_out_channels: vec![8, 8, 8, 8],
@@ -753,11 +745,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         config.optimizer.lr = 1e-3;
-        config.optimizer.schedule = LrSchedule::Cosine {
-            warmup: pick(100, 1),
-            steps: pick(a.teacher_steps, 3),
-            floor: 0.1,
-        };
+        config.optimizer.schedule = LrSchedule::cosine(pick(100, 1), pick(a.teacher_steps, 3));
         if smoke {
             config = TeacherConfig {
                 dataset_size: 32,
@@ -886,10 +874,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|s| s.caption)
         .collect();
-        let data = DatasetConfig {
-            seed: a.seed + 1_000_003,
-            ..Default::default()
-        };
+        let data = eval::unseen_world(a.seed);
         let mut rows = Vec::new();
         let unseen = eval::prompts(&data, Split::Train, count, &exclude);
         let held_out = eval::prompts(&data, Split::HeldOut, count, &exclude);
@@ -988,10 +973,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|s| s.caption)
         .collect();
-    let data = DatasetConfig {
-        seed: a.train_seed + 1_000_003,
-        ..Default::default()
-    };
+    let data = eval::unseen_world(a.train_seed);
     let split = if a.held_out {
         Split::HeldOut
     } else {

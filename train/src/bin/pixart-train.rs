@@ -48,6 +48,25 @@ enum Command {
     Package(PackageArgs),
     /// Prompt accuracy of a transformer on prompts it never saw (teacher DDIM+CFG or LCM sampling).
     Eval(EvalArgs),
+    /// Draws the scene a caption describes (the picture the model should render) and its exact
+    /// outline, the edge map the adapter was trained on: control images for prompts of your own.
+    Scene(SceneArgs),
+}
+
+#[derive(clap::Args)]
+struct SceneArgs {
+    /// A caption in the dataset's grammar ("a small red circle in the top left corner on a blue background").
+    #[arg(long)]
+    prompt: String,
+    /// Side of the square images in pixels.
+    #[arg(long, default_value_t = 64)]
+    side: u32,
+    /// Write the edge map (white outline on black) here.
+    #[arg(long)]
+    edges: Option<PathBuf>,
+    /// Write the picture here.
+    #[arg(long)]
+    image: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -415,6 +434,7 @@ fn main() -> anyhow::Result<()> {
         Command::Controlnet(a) => run_controlnet(a)?,
         Command::Edges(a) => run_edges(a)?,
         Command::All(a) => run_all(a)?,
+        Command::Scene(a) => run_scene(a)?,
         Command::Package(a) => {
             pixart_train::package::write(&pixart_train::package::Parts {
                 out: a.out.clone(),
@@ -639,6 +659,42 @@ fn edge_report(
         out.push((name.to_string(), r.f1, r.accuracy.to_string()));
     }
     Ok(out)
+}
+
+fn run_scene(a: SceneArgs) -> anyhow::Result<()> {
+    let (attributes, background) = pixart_train::caption::parse(&a.prompt).with_context(|| {
+        format!(
+            "--prompt {:?}: not a caption of the dataset's grammar (it names one size, colour, shape, \
+             position and background colour)",
+            a.prompt
+        )
+    })?;
+    anyhow::ensure!(a.side >= 16, "--side {}: at least 16 pixels", a.side);
+    anyhow::ensure!(
+        a.edges.is_some() || a.image.is_some(),
+        "nothing to write: pass --edges FILE and/or --image FILE"
+    );
+    let scene = pixart_train::scene::Scene {
+        attributes,
+        background,
+        jitter: (0, 0),
+    };
+    if let Some(path) = &a.edges {
+        scene
+            .edges(a.side)
+            .to_gray()
+            .save(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("edges: {}", path.display());
+    }
+    if let Some(path) = &a.image {
+        scene
+            .render(a.side)
+            .save(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("image: {}", path.display());
+    }
+    Ok(())
 }
 
 fn run_edges(a: EdgesArgs) -> anyhow::Result<()> {

@@ -15,26 +15,27 @@ use pixfarm_worker::WorkerConfig;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use crate::{client, input};
+use crate::{client, input, sheet};
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
-    /// Model directory in the diffusers layout (the bundled tiny checkpoint by default).
+    /// Model directory in the diffusers layout (by default the bundled model the project trains itself,
+    /// which draws coloured shapes at 64×64: see models/README.md).
     #[arg(
         long,
         env = "PIXFARM_MODEL_DIR",
-        default_value = "models/tiny-pixart-lcm"
+        default_value = "models/pixart-lcm-shapes"
     )]
     pub model: PathBuf,
     /// ControlNet adapter directory; default: the model's `controlnet/` folder when it has one
-    /// (the bundled tiny checkpoint does), so the sample batch's edge-guided lines render too.
+    /// (the bundled model does), so the sample batch's edge-guided lines render too.
     #[arg(long, env = "PIXFARM_CONTROLNET_DIR")]
     pub controlnet_dir: Option<PathBuf>,
     /// Prompts to render (JSONL or plain text).
     #[arg(long, default_value = "examples/prompts.jsonl")]
     pub prompts: PathBuf,
-    /// Size of items that do not set one, as WxH.
-    #[arg(long, default_value = "256x256", value_parser = input::parse_size)]
+    /// Size of items that do not set one, as WxH (the bundled model was trained at 64×64).
+    #[arg(long, default_value = "64x64", value_parser = input::parse_size)]
     pub size: (u32, u32),
     /// Working directory: results go to DIR/store.
     #[arg(long, default_value = "pixfarm-dev")]
@@ -299,7 +300,17 @@ async fn submit_and_wait(args: &DevArgs, addr: &str, store: &Path) -> anyhow::Re
     );
     println!("images:   {}/", job_dir.display());
     if !job.manifest_key.is_empty() {
-        println!("manifest: {}", store.join(&job.manifest_key).display());
+        let manifest = store.join(&job.manifest_key);
+        println!("manifest: {}", manifest.display());
+        // The store's root is DIR/store: the sheet goes beside it, where a person looks first (the
+        // latest run's; every job's images stay in the store).
+        let out = store.parent().unwrap_or(store).join("contact-sheet.png");
+        let lines = sheet::read_manifest(&manifest)?;
+        let n = sheet::write(&out, store, &lines)?;
+        println!(
+            "contact sheet ({n} images with their prompts): {}",
+            out.display()
+        );
     }
     if job.failed > 0 {
         bail!(

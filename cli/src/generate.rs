@@ -12,11 +12,11 @@ use pixfarm_worker::WorkerConfig;
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// Model directory in the diffusers layout.
+    /// Model directory in the diffusers layout (default: the bundled shapes model).
     #[arg(
         long,
         env = "PIXFARM_MODEL_DIR",
-        default_value = "models/tiny-pixart-lcm"
+        default_value = "models/pixart-lcm-shapes"
     )]
     pub model: PathBuf,
     #[arg(long)]
@@ -24,8 +24,8 @@ pub struct GenerateArgs {
     /// Noise seed; the same seed, prompt and settings give the same image.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Image size as WxH.
-    #[arg(long, default_value = "1024x1024", value_parser = crate::input::parse_size)]
+    /// Image size as WxH (the bundled model was trained at 64×64; the real PixArt-LCM at 1024×1024).
+    #[arg(long, default_value = "64x64", value_parser = crate::input::parse_size)]
     pub size: (u32, u32),
     /// LCM steps (1-8).
     #[arg(long, default_value_t = 4)]

@@ -15,7 +15,8 @@
 //! Modules: [`input`] (JSONL/plain-text files, errors naming file and line),
 //! [`client`] (connect, submit unary or streamed, wait with progress, status
 //! → sentence), [`fetch`] (download, verify sha256, resume), [`generate`]
-//! (local rendering), [`dev`] (the whole farm in one process), [`commands`].
+//! (local rendering), [`dev`] (the whole farm in one process), [`sheet`] (a job's images and prompts
+//! in one PNG, drawn with the built-in [`font`]), [`commands`].
 
 pub mod client;
 pub mod commands;
@@ -23,5 +24,7 @@ pub mod config;
 pub mod convert;
 pub mod dev;
 pub mod fetch;
+pub mod font;
 pub mod generate;
 pub mod input;
+pub mod sheet;

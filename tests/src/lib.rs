@@ -4,7 +4,7 @@
 //! an S3 server (`s3s-fs`: the one `.ci/run` started, named by
 //! `PIXFARM_TEST_S3_ENDPOINT`, else served inside this test process, always
 //! so when the test must stop it), the coordinator in-process on `127.0.0.1:0`, and workers as separate
-//! processes (so they can be `kill -9`ed) running the tiny checkpoint.
+//! processes (so they can be `kill -9`ed) running the tiny checkpoint (the bundled trained model where a test judges images).
 //!
 //! ```no_run
 //! # async fn t() -> anyhow::Result<()> {
@@ -33,8 +33,16 @@ use tonic::transport::Channel;
 
 pub mod prom;
 
-/// The bundled tiny checkpoint.
+/// The bundled trained model (`models/pixart-lcm-shapes`, the farm's default), whose images
+/// `tests/quality.rs` judges and whose adapter `tests/control.rs` drives.
 pub fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/pixart-lcm-shapes")
+}
+
+/// The random tiny checkpoint: the delivery tests (kills, restarts, outages, fairness, scaling) run
+/// several farms at once on two cores, where the trained model's heavier renders starved Redis
+/// ("redis: timed out"); they test what the farm does with images, not what the images show.
+pub fn tiny_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-pixart-lcm")
 }
 
@@ -99,6 +107,8 @@ pub struct FarmOptions {
     /// A tenants file (TOML: quotas, `allowed_input_prefixes`) for the coordinator's queue and,
     /// through `PIXFARM_TENANT_QUOTAS`, for every worker.
     pub tenants_toml: Option<String>,
+    /// The model the workers load ([`tiny_model_dir`] unless a test judges images).
+    pub model_dir: PathBuf,
 }
 
 impl Default for FarmOptions {
@@ -115,6 +125,7 @@ impl Default for FarmOptions {
             coordinator_metrics: false,
             worker_metrics: false,
             tenants_toml: None,
+            model_dir: tiny_model_dir(),
         }
     }
 }
@@ -175,10 +186,10 @@ pub struct Farm {
 
 impl Farm {
     pub async fn start(options: FarmOptions) -> Result<Self> {
-        if !model_dir().join("model_index.json").exists() {
+        if !options.model_dir.join("model_index.json").exists() {
             bail!(
-                "the tiny checkpoint is missing at {}",
-                model_dir().display()
+                "the bundled model is missing at {}",
+                options.model_dir.display()
             );
         }
         if !worker_bin().is_file() {
@@ -280,7 +291,7 @@ impl Farm {
             .max_encoding_message_size(64 << 20))
     }
 
-    /// Starts a worker process serving every lane, with the tiny ControlNet adapter loaded.
+    /// Starts a worker process serving every lane, with the bundled model's ControlNet adapter loaded.
     pub fn spawn_worker(&mut self, id: &str) -> Result<()> {
         let log = self.logs.path().join(format!("{id}.log"));
         let out = std::fs::File::create(&log)?;
@@ -288,8 +299,8 @@ impl Farm {
         let mut cmd = Command::new(worker_bin());
         cmd.env("PIXFARM_REDIS_URL", self.redis.url())
             .env("PIXFARM_STORAGE_URL", self.s3.storage_url(&self.bucket))
-            .env("PIXFARM_MODEL_DIR", model_dir())
-            .env("PIXFARM_CONTROLNET_DIR", model_dir().join("controlnet"))
+            .env("PIXFARM_MODEL_DIR", &o.model_dir)
+            .env("PIXFARM_CONTROLNET_DIR", o.model_dir.join("controlnet"))
             .env("PIXFARM_DEVICE", "cpu")
             .env("PIXFARM_WORKER_ID", id)
             .env("PIXFARM_MAX_BATCH", o.max_batch.to_string())

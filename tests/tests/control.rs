@@ -1,6 +1,6 @@
 //! End-to-end tests of edge-guided rendering (issue 4): real redis-server, real s3s-fs, the
-//! coordinator in-process, a worker process with the tiny ControlNet adapter
-//! (`models/tiny-pixart-lcm/controlnet`), 64×64 images.
+//! coordinator in-process, a worker process with the bundled model's trained ControlNet adapter
+//! (`models/pixart-lcm-shapes/controlnet`), 64×64 images.
 
 use std::time::Duration;
 
@@ -90,6 +90,7 @@ fn diff(a: &RgbImage, b: &RgbImage) -> (u8, f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controlled_job_renders_and_stores_its_edge_maps() -> Result<()> {
     let mut farm = Farm::start(FarmOptions {
+        model_dir: pixfarm_e2e::model_dir(),
         max_attempts: 2,
         ..Default::default()
     })
@@ -336,6 +337,7 @@ async fn hed_edge_maps_are_computed_by_a_worker_with_hed_weights() -> Result<()>
         "/../pixart/tests/fixtures/control/hed_narrow.safetensors"
     ));
     let mut farm = Farm::start(FarmOptions {
+        model_dir: pixfarm_e2e::model_dir(),
         worker_env: vec![("PIXFARM_HED_WEIGHTS".into(), hed.display().to_string())],
         ..Default::default()
     })
@@ -381,6 +383,7 @@ async fn hed_edge_maps_are_computed_by_a_worker_with_hed_weights() -> Result<()>
 async fn a_worker_refuses_control_images_of_another_tenant() -> Result<()> {
     use pixfarm_core::{ControlKind, ControlSource, ControlSpec, ItemSpec, JobSpec};
     let mut farm = Farm::start(FarmOptions {
+        model_dir: pixfarm_e2e::model_dir(),
         max_attempts: 3,
         ..Default::default()
     })

@@ -30,7 +30,7 @@ pub struct WorkerConfig {
     #[arg(
         long,
         env = "PIXFARM_MODEL_DIR",
-        default_value = "models/tiny-pixart-lcm"
+        default_value = "models/pixart-lcm-shapes"
     )]
     pub model_dir: PathBuf,
 
@@ -149,7 +149,7 @@ impl Default for WorkerConfig {
         Self {
             redis_url: "redis://127.0.0.1:6379/".into(),
             storage_url: "file:///tmp/pixfarm/results".into(),
-            model_dir: PathBuf::from("models/tiny-pixart-lcm"),
+            model_dir: PathBuf::from("models/pixart-lcm-shapes"),
             device: "cpu".into(),
             dtype: "auto".into(),
             max_batch: 8,

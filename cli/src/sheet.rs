@@ -86,7 +86,7 @@ pub fn write(out: &Path, store: &Path, lines: &[ManifestLine]) -> anyhow::Result
         }
         let p = &line.parameters;
         let facts = format!(
-            "seed {} {} steps {}x{}",
+            "seed {}, {} steps, {}x{}",
             line.seed, p.steps, p.width, p.height
         );
         font::draw(&mut sheet, tx, ty, &facts, TEXT_SCALE, DIM);

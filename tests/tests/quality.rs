@@ -4,11 +4,10 @@
 //! so a farm that stores the wrong image, mixes up seeds or prompts within a batch, or loads the model
 //! wrongly fails here even though every PNG exists.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use pixart_train::dataset::{DatasetConfig, Split};
+use pixart_train::dataset::Split;
 use pixart_train::metrics::PromptAccuracy;
 use pixfarm_e2e::{Farm, FarmOptions};
 use pixfarm_proto::v1 as pb;
@@ -18,23 +17,11 @@ const PROMPTS: usize = 48;
 /// Unseen prompts of the training world: the evaluation world of a run trained at seed 0 (the
 /// bundled model's), minus every training caption, as `pixart-train eval` draws them.
 fn unseen_prompts() -> Vec<pixart_train::dataset::Sample> {
-    let train = DatasetConfig {
-        seed: 0,
-        ..Default::default()
-    };
-    let exclude: HashSet<String> = train
-        .samples(
-            Split::Train,
-            pixart_train::teacher::TeacherConfig::default().dataset_size,
-        )
-        .into_iter()
-        .map(|s| s.caption)
-        .collect();
-    pixart_train::eval::prompts(
-        &pixart_train::eval::unseen_world(0),
+    pixart_train::eval::unseen_prompts(
+        0,
+        pixart_train::teacher::TeacherConfig::default().dataset_size,
         Split::Train,
         PROMPTS,
-        &exclude,
     )
 }
 

@@ -6,11 +6,17 @@
 //! farm samples — is frozen; gradients flow through its later blocks into the adapter (both run in
 //! training mode, the base's variables just never reach the optimiser).
 //!
-//! Loss: ε MSE of the controlled model on noisy latents at uniform timesteps (the base is a consistency
-//! model, but its output is still parametrised as ε and the LCM sampler reads it as such: the adapter
-//! learns to move that ε towards the one the edge map implies). Control images are half the scene's
-//! exact outline, half OpenCV-style Canny (100, 200) of the scene, white on black, encoded by the VAE as
-//! the pipeline encodes a control image.
+//! Loss ([`Objective`]): PixArt's ε MSE at uniform timesteps by default, as PixArt-δ trains its ControlNet
+//! (on a diffusion base there; here the base is the LCD student, whose output is still parametrised as ε
+//! and read as such by the LCM sampler). [`Objective::Consistency`] instead regresses the controlled
+//! student's consistency output (`c_skip·x_t + c_out·x̂0`, what the LCM sampler keeps at every step) on
+//! the clean latent at the LCD solver's timesteps: at t = 999 (√ᾱ ≈ 0.0064) an ε error is a 157× larger
+//! x0 error, which the ε loss does not see. On the bundled model (600 steps each) it restored background
+//! colours the student had lost but drew blurrier shapes: edge F1 0.234 against 0.257, so it is not the
+//! default (BENCHMARKS.md, the adapter objectives).
+//!
+//! Control images are half the scene's exact outline, half OpenCV-style Canny (100, 200) of the scene,
+//! white on black, encoded by the VAE as the pipeline encodes a control image.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -27,7 +33,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 use crate::dataset::Sample;
-use crate::lcd::{NoiseSchedule, TRAIN_TIMESTEPS, add_noise};
+use crate::lcd::{
+    DDIM_TIMESTEPS, DdimSolver, NoiseSchedule, TRAIN_TIMESTEPS, add_noise, consistency_output,
+    predict_x0,
+};
 use crate::optim::{AdamW, AdamWParams, clip_grad_norm};
 use crate::prep::{LatentPool, Prepared, Text};
 use crate::seed::{self, Stream};
@@ -41,6 +50,37 @@ pub const STAGE: &str = "controlnet";
 /// Canny thresholds of the control images (the farm's `canny` preprocessing takes the same).
 pub const CANNY: (f32, f32) = (100.0, 200.0);
 
+/// What the adapter's loss compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// PixArt's ε MSE at uniform timesteps: the paper's recipe.
+    Epsilon,
+    /// The consistency output `c_skip(t)·x_t + c_out(t)·x̂0` against the clean latent (MSE), `t` one of
+    /// the LCD solver's timesteps: for an LCM base, as the farm samples it.
+    Consistency,
+}
+
+impl std::str::FromStr for Objective {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "consistency" => Ok(Objective::Consistency),
+            "epsilon" => Ok(Objective::Epsilon),
+            other => Err(format!("`{other}` is not one of consistency, epsilon")),
+        }
+    }
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Objective::Consistency => "consistency",
+            Objective::Epsilon => "epsilon",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterConfig {
@@ -50,6 +90,7 @@ pub struct AdapterConfig {
     /// Copied base blocks (at most the base's layers − 1).
     pub num_layers: usize,
     pub batch_size: usize,
+    pub objective: Objective,
     pub grad_clip: f64,
     pub optimizer: AdamWParams,
 }
@@ -62,6 +103,7 @@ impl Default for AdapterConfig {
             dataset_size: 2048,
             num_layers: 3,
             batch_size: 32,
+            objective: Objective::Epsilon,
             grad_clip: 1.0,
             optimizer: AdamWParams {
                 lr: 2e-4,
@@ -232,7 +274,9 @@ pub fn train(
         &mut optimizer,
         device,
     )?;
-    let ac = NoiseSchedule::pixart().alphas_cumprod;
+    let schedule = NoiseSchedule::pixart();
+    let solver = DdimSolver::new(&schedule, DDIM_TIMESTEPS)?;
+    let ac = schedule.alphas_cumprod;
 
     struct Steps<'a> {
         config: &'a AdapterConfig,
@@ -242,6 +286,7 @@ pub fn train(
         controls: &'a Tensor,
         text: &'a mut Text,
         ac: &'a [f64],
+        solver: &'a DdimSolver,
         vars: &'a [(String, Var)],
         varmap: &'a VarMap,
         optimizer: &'a mut AdamW,
@@ -259,7 +304,12 @@ pub fn train(
                 .map(|_| rng.random_range(0..self.config.dataset_size as u32))
                 .collect();
             let t: Vec<usize> = (0..b)
-                .map(|_| rng.random_range(0..TRAIN_TIMESTEPS))
+                .map(|_| match self.config.objective {
+                    Objective::Epsilon => rng.random_range(0..TRAIN_TIMESTEPS),
+                    Objective::Consistency => {
+                        self.solver.timesteps[rng.random_range(0..self.solver.timesteps.len())]
+                    }
+                })
                 .collect();
             let mut shape = vec![b];
             shape.extend_from_slice(self.latent_shape);
@@ -271,11 +321,8 @@ pub fn train(
             let index = Tensor::new(idx.as_slice(), &device)?;
             let x0 = self.pool.latents.index_select(&index, 0)?;
             let control = self.controls.index_select(&index, 0)?;
-            let x_t = add_noise(
-                &x0,
-                &noise,
-                &t.iter().map(|&i| self.ac[i]).collect::<Vec<_>>(),
-            )?;
+            let ac_t: Vec<f64> = t.iter().map(|&i| self.ac[i]).collect();
+            let x_t = add_noise(&x0, &noise, &ac_t)?;
             let prompts: Vec<Option<&str>> = idx
                 .iter()
                 .map(|&i| Some(self.pool.samples[i as usize].caption.as_str()))
@@ -291,7 +338,15 @@ pub fn train(
                 .forward(self.base, &x_t, &ts, &y, Some(&mask), None, &cond)?;
             let c = x0.dim(1)?;
             let eps = out.narrow(1, 0, c)?;
-            let loss = (eps - &noise)?.sqr()?.mean_all()?;
+            let loss = match self.config.objective {
+                Objective::Epsilon => (eps - &noise)?.sqr()?.mean_all()?,
+                Objective::Consistency => {
+                    let x0_hat = predict_x0(&x_t, &eps, &ac_t)?;
+                    (consistency_output(&x_t, &x0_hat, &t)? - &x0)?
+                        .sqr()?
+                        .mean_all()?
+                }
+            };
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Ok((
@@ -334,6 +389,7 @@ pub fn train(
         controls: &controls,
         text: &mut text,
         ac: &ac,
+        solver: &solver,
         vars: &vars,
         varmap: &varmap,
         optimizer: &mut optimizer,

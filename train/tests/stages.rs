@@ -298,6 +298,43 @@ fn the_adapter_starts_as_the_base_and_learns() {
         max_diff(&plain, &after) > 0.0,
         "training did not change the adapter's effect"
     );
+
+    // The consistency objective trains too, and its checkpoint does not resume under the ε objective.
+    let consistency = AdapterConfig {
+        objective: adapter::Objective::Consistency,
+        ..config.clone()
+    };
+    let cn2 = adapter::RunOptions {
+        out: tmp.path().join("cn2"),
+        save_every: 3,
+        ..opts.clone()
+    };
+    let mut losses = Vec::new();
+    adapter::train(&consistency, &cn2, &dev, |r| {
+        losses.push(r.loss);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert!(
+        losses.len() == 3 && losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    let err = adapter::train(
+        &config,
+        &adapter::RunOptions {
+            resume: true,
+            steps: 4,
+            ..cn2
+        },
+        &dev,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("state.json") && err.contains("objective"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -335,7 +372,7 @@ fn the_whole_chain_runs_and_its_model_renders_in_the_farm_pipeline() {
     );
     assert_eq!(
         report["edges"].as_array().map(Vec::len),
-        Some(3),
+        Some(4),
         "{report}"
     );
     assert!(out.join("sheet.png").exists() && out.join("sheet.txt").exists());

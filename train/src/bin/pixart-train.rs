@@ -194,6 +194,10 @@ struct ControlnetArgs {
     batch_size: usize,
     #[arg(long, default_value_t = AdapterConfig::default().dataset_size)]
     dataset_size: u64,
+    /// `epsilon` (PixArt's ε loss) or `consistency` (the LCM base's consistency output against the
+    /// clean latent, at the LCD solver's timesteps).
+    #[arg(long, default_value_t = AdapterConfig::default().objective)]
+    objective: adapter::Objective,
     #[arg(long)]
     log: bool,
 }
@@ -207,6 +211,9 @@ struct EdgesArgs {
     count: usize,
     #[arg(long, default_value_t = 4)]
     steps: usize,
+    /// Write contact sheets of the first 32 images here: `controls.png` (the outlines) and one per setting.
+    #[arg(long)]
+    sheets: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -586,6 +593,7 @@ fn run_controlnet(a: ControlnetArgs) -> anyhow::Result<()> {
         num_layers: a.layers,
         batch_size: a.batch_size,
         dataset_size: a.dataset_size,
+        objective: a.objective,
         ..Default::default()
     };
     let opts = adapter::RunOptions {
@@ -625,6 +633,7 @@ fn edge_report(
     model: &std::path::Path,
     count: usize,
     steps: usize,
+    sheets: Option<&std::path::Path>,
 ) -> anyhow::Result<Vec<(String, f64, String)>> {
     let dev = candle_core::Device::Cpu;
     let transformer = pixart::transformer::PixArtTransformer::load(
@@ -645,7 +654,40 @@ fn edge_report(
         ..Default::default()
     };
     let samples = data.samples(Split::Train, count as u64);
+    let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
+    let write_sheet = |name: &str, images: &[image::RgbImage]| -> anyhow::Result<()> {
+        if let Some(dir) = sheets {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let path = dir.join(format!("{}.png", name.replace(' ', "-")));
+            pixart_train::sheet::write(&path, images, &captions, 8, 32)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("contact sheet: {}", path.display());
+        }
+        Ok(())
+    };
+    if sheets.is_some() {
+        let controls = samples
+            .iter()
+            .map(|s| pixart_train::adapter::control_image(s, 64, false))
+            .collect::<pixart_train::Result<Vec<_>>>()?;
+        write_sheet("controls", &controls)?;
+    }
     let mut out = Vec::new();
+    // The ceiling: the dataset's own pictures through the VAE, scored by the same metric.
+    let (round_trip, reconstructions) = eval::vae_round_trip(&vae, &samples, 64)?;
+    let mut ceiling = 0.0;
+    for ((image, _), s) in reconstructions.iter().zip(&samples) {
+        ceiling += eval::edge_alignment(image, s)?.f1;
+    }
+    let ceiling = ceiling / samples.len().max(1) as f64;
+    println!("edges VAE round trip (the ceiling): F1 {ceiling:.3} · {round_trip}");
+    let images: Vec<image::RgbImage> = reconstructions.into_iter().map(|(i, _)| i).collect();
+    write_sheet("vae round trip", &images)?;
+    out.push((
+        "VAE round trip".to_string(),
+        ceiling,
+        round_trip.to_string(),
+    ));
     for (name, a) in [
         ("scale 1", Some((&adapter, 1.0f32))),
         ("scale 0", Some((&adapter, 0.0))),
@@ -656,6 +698,7 @@ fn edge_report(
             "edges {name}: F1 {:.3} · {} · {:.3} s/image",
             r.f1, r.accuracy, r.seconds_per_image
         );
+        write_sheet(name, &r.images)?;
         out.push((name.to_string(), r.f1, r.accuracy.to_string()));
     }
     Ok(out)
@@ -698,7 +741,7 @@ fn run_scene(a: SceneArgs) -> anyhow::Result<()> {
 }
 
 fn run_edges(a: EdgesArgs) -> anyhow::Result<()> {
-    edge_report(&a.model, a.count, a.steps).map(|_| ())
+    edge_report(&a.model, a.count, a.steps, a.sheets.as_deref()).map(|_| ())
 }
 
 /// An `on_step` that appends every step's figures to `dir/steps.jsonl` (the progress bar is hidden when
@@ -922,18 +965,9 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
         } else {
             TeacherConfig::default().dataset_size
         };
-        let exclude = DatasetConfig {
-            seed: a.seed,
-            ..Default::default()
-        }
-        .samples(Split::Train, train_size)
-        .into_iter()
-        .map(|s| s.caption)
-        .collect();
-        let data = eval::unseen_world(a.seed);
         let mut rows = Vec::new();
-        let unseen = eval::prompts(&data, Split::Train, count, &exclude);
-        let held_out = eval::prompts(&data, Split::HeldOut, count, &exclude);
+        let unseen = eval::unseen_prompts(a.seed, train_size, Split::Train, count);
+        let held_out = eval::unseen_prompts(a.seed, train_size, Split::HeldOut, count);
         let (round_trip, _) = eval::vae_round_trip(&vae_model, &unseen, 64)?;
         println!("VAE round trip (the ceiling) · {round_trip}");
         report["vae_round_trip"] = serde_json::json!({
@@ -986,7 +1020,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
                 }));
             }
         }
-        let edges = edge_report(&model, if smoke { 4 } else { 50 }, 4)?;
+        let edges = edge_report(&model, if smoke { 4 } else { 50 }, 4, None)?;
         report["accuracy"] = serde_json::json!(rows);
         report["edges"] = serde_json::json!(
             edges
@@ -1020,22 +1054,12 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         "lcm" => Sampler::Lcm { steps: a.steps },
         other => anyhow::bail!("--sampler: `{other}` is not one of ddim, lcm"),
     };
-    let train = DatasetConfig {
-        seed: a.train_seed,
-        ..Default::default()
-    };
-    let exclude = train
-        .samples(Split::Train, a.train_size)
-        .into_iter()
-        .map(|s| s.caption)
-        .collect();
-    let data = eval::unseen_world(a.train_seed);
     let split = if a.held_out {
         Split::HeldOut
     } else {
         Split::Train
     };
-    let samples = eval::prompts(&data, split, a.count, &exclude);
+    let samples = eval::unseen_prompts(a.train_seed, a.train_size, split, a.count);
     let report = eval::evaluate(&model, &vae, &mut text, &samples, sampler, 9_000, a.batch)?;
     println!(
         "{} · {} · {} evaluations/image · {:.3} s/image",

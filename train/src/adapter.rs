@@ -262,7 +262,9 @@ pub fn train(
         &base_config,
         &Weights::from_varmap(&varmap)?,
     )?;
-    let config_json = stage_config(config, &base_config);
+    let mut inputs = crate::teacher::frozen_inputs(&opts.vae, &opts.text);
+    inputs.push(("base", opts.base.join("transformer")));
+    let config_json = stage_config(config, &base_config, crate::inputs::fingerprints(&inputs)?);
     let vars = sorted_vars(&varmap);
     let mut optimizer = AdamW::new(vars.clone(), config.optimizer.clone())?;
     let (start, _) = stage::restore(

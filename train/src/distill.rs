@@ -237,7 +237,10 @@ pub fn train(
     let (tcfg, student_vars) = load_transformer_vars(&teacher_dir, device)?;
     let (_, target_vars) = load_transformer_vars(&teacher_dir, device)?;
     let teacher = PixArtTransformer::load(&teacher_dir, DType::F32, device)?;
-    let config_json = crate::teacher::stage_config(config, &tcfg);
+    let mut inputs = crate::teacher::frozen_inputs(&opts.vae, &opts.text);
+    inputs.push(("teacher", teacher_dir.clone()));
+    let config_json =
+        crate::teacher::stage_config(config, &tcfg, crate::inputs::fingerprints(&inputs)?);
     let student = PixArtTransformer::trainable(tcfg.clone(), &student_vars)?;
     let target = PixArtTransformer::trainable(tcfg.clone(), &target_vars)?;
     let vars = sorted_vars(&student_vars);

@@ -79,6 +79,7 @@ pub mod dit;
 pub mod edges;
 pub mod error;
 pub mod eval;
+pub mod inputs;
 pub mod lcd;
 pub mod metrics;
 pub mod norm;

@@ -60,8 +60,6 @@ pub fn ddim_cfg(
     steps: usize,
     cfg: f64,
 ) -> Result<Tensor> {
-    let ac = NoiseSchedule::pixart().alphas_cumprod;
-    let ratio = TRAIN_TIMESTEPS / steps.max(1);
     let b = x.dim(0)?;
     // Both halves in one batch: pad the text to one length.
     let l = cond.0.dim(1)?.max(uncond.0.dim(1)?);
@@ -79,10 +77,26 @@ pub fn ddim_cfg(
     let (yu, mu) = padl(uncond.0, uncond.1)?;
     let y = Tensor::cat(&[&yc, &yu], 0)?;
     let m = Tensor::cat(&[&mc, &mu], 0)?;
+    ddim_guided(x, steps, cfg, |x, t| {
+        let eps2 = epsilon(model, &Tensor::cat(&[x, x], 0)?, t as f32, &y, &m)?;
+        Ok((eps2.narrow(0, 0, b)?, eps2.narrow(0, b, b)?))
+    })
+}
+
+/// The DDIM arithmetic of [`ddim_cfg`] with the model abstracted to `eps(x_t, t) → (ε_cond, ε_uncond)`:
+/// separate so that it can be checked against diffusers' `DDIMScheduler` on fixed ε values
+/// (`tests/ddim_golden.rs`).
+pub fn ddim_guided(
+    x: &Tensor,
+    steps: usize,
+    cfg: f64,
+    mut eps: impl FnMut(&Tensor, usize) -> Result<(Tensor, Tensor)>,
+) -> Result<Tensor> {
+    let ac = NoiseSchedule::pixart().alphas_cumprod;
+    let ratio = TRAIN_TIMESTEPS / steps.max(1);
     let mut x = x.clone();
     for t in ddim_timesteps(steps) {
-        let eps2 = epsilon(model, &Tensor::cat(&[&x, &x], 0)?, t as f32, &y, &m)?;
-        let (ec, eu) = (eps2.narrow(0, 0, b)?, eps2.narrow(0, b, b)?);
+        let (ec, eu) = eps(&x, t)?;
         let eps = (&eu + ((&ec - &eu)? * cfg)?)?;
         let a = ac[t];
         let a_prev = if t >= ratio { ac[t - ratio] } else { 1.0 };

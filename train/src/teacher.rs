@@ -270,7 +270,8 @@ pub fn train(
     let (pool, mut text) = (&prep.pool, prep.text);
 
     let tcfg = config.transformer(latent_shape[0], latent_shape[1], text.channels());
-    let config_json = stage_config(config, &tcfg);
+    let inputs = crate::inputs::fingerprints(&frozen_inputs(&opts.vae, &opts.text))?;
+    let config_json = stage_config(config, &tcfg, inputs);
     let varmap: VarMap = crate::dit::init_varmap(&tcfg, config.seed, device)?;
     let model = PixArtTransformer::trainable(tcfg.clone(), &varmap)?;
     let vars = sorted_vars(&varmap);
@@ -390,10 +391,24 @@ pub fn train(
 
 /// The JSON a checkpoint of a transformer stage records and a resume must match: the run config and the
 /// transformer's diffusers config.
-pub fn stage_config(run: &impl Serialize, transformer: &TransformerConfig) -> serde_json::Value {
+pub fn stage_config(
+    run: &impl Serialize,
+    transformer: &TransformerConfig,
+    inputs: serde_json::Value,
+) -> serde_json::Value {
     let t: serde_json::Value =
         serde_json::from_str(&transformer.to_json_string()).expect("a config serialises to JSON");
-    serde_json::json!({"run": run, "transformer": t})
+    serde_json::json!({"run": run, "transformer": t, "inputs": inputs})
+}
+
+/// The `(role, directory)` pairs of the frozen text side and VAE every diffusion stage reads, for
+/// [`crate::inputs::fingerprints`].
+pub fn frozen_inputs(vae: &Path, text: &Path) -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("vae", vae.join("vae")),
+        ("text_encoder", text.join("text_encoder")),
+        ("tokenizer", text.join("tokenizer")),
+    ]
 }
 
 /// Reads an exported `transformer/` directory into variables (for the stages that start from the teacher).

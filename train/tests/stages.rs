@@ -158,6 +158,28 @@ fn the_teacher_trains_every_parameter_and_resumes_exactly() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("lr"), "{err}");
+
+    // So does a resume on another text encoder (same shapes, other weights): the checkpoint records the
+    // fingerprints of the directories it started from.
+    let other_text = tmp.path().join("other-text");
+    text::build(
+        &TextConfig {
+            d_model: 16,
+            seed: 1,
+            ..Default::default()
+        },
+        &other_text,
+    )
+    .unwrap();
+    let mut opts = teacher_opts(&cut, &other_text, 4);
+    opts.resume = true;
+    let err = teacher::train(&config, &opts, &Device::Cpu, |_| ControlFlow::Continue(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("inputs.text_encoder") && err.contains("state.json"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -165,6 +165,14 @@ struct LcdArgs {
     lr: f64,
     #[arg(long, default_value_t = DistillConfig::default().dataset_size)]
     dataset_size: u64,
+    /// EMA rate of the target network (the paper's 0.95; lower propagates targets faster).
+    #[arg(long, default_value_t = DistillConfig::default().ema_rate)]
+    ema_rate: f64,
+    /// Global gradient-norm clip.
+    #[arg(long, default_value_t = DistillConfig::default().grad_clip)]
+    grad_clip: f64,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
     #[arg(long)]
     log: bool,
 }
@@ -552,9 +560,12 @@ fn run_lcd(a: LcdArgs) -> anyhow::Result<()> {
         seed: a.seed,
         batch_size: a.batch_size,
         dataset_size: a.dataset_size,
+        ema_rate: a.ema_rate,
+        grad_clip: a.grad_clip,
         ..Default::default()
     };
     config.optimizer.lr = a.lr;
+    config.optimizer.schedule = a.schedule.schedule(a.steps);
     let opts = distill::RunOptions {
         out: a.out.clone(),
         teacher: a.teacher,

@@ -125,6 +125,8 @@ pub struct RunOptions {
     pub save_every: u64,
     pub resume: bool,
     pub progress: bool,
+    /// Train on this exported dataset (`pixart-train dataset`) instead of rendering the procedural one.
+    pub dataset: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -246,6 +248,7 @@ pub fn train(
         config.image_size,
         config.seed,
         config.dataset_size,
+        opts.dataset.as_deref(),
     )?;
     let controls = control_latents(&prep, config.image_size)?;
     let latent_shape = prep.latent_shape();
@@ -262,7 +265,7 @@ pub fn train(
         &base_config,
         &Weights::from_varmap(&varmap)?,
     )?;
-    let mut inputs = crate::teacher::frozen_inputs(&opts.vae, &opts.text);
+    let mut inputs = crate::teacher::frozen_inputs(&opts.vae, &opts.text, opts.dataset.as_deref());
     inputs.push(("base", opts.base.join("transformer")));
     let config_json = stage_config(config, &base_config, crate::inputs::fingerprints(&inputs)?);
     let vars = sorted_vars(&varmap);

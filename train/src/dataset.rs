@@ -427,6 +427,68 @@ impl Dataset {
     }
 }
 
+/// The first `count` training samples with their pictures: rendered from `data` when `dir` is `None`,
+/// read from the exported dataset at `dir` otherwise (its manifest must be a training split of
+/// `data.image_size` px with at least `count` records). Every stage trains on this, so a stage run with
+/// `--dataset DIR` trains on the files and a missing or corrupt directory is an error naming the file.
+pub fn training_set(
+    dir: Option<&Path>,
+    data: &DatasetConfig,
+    count: u64,
+) -> Result<Vec<(Sample, RgbImage)>> {
+    let Some(dir) = dir else {
+        data.validate()?;
+        return Ok(data
+            .samples(Split::Train, count)
+            .into_iter()
+            .map(|s| {
+                let image = s.scene.render(data.image_size);
+                (s, image)
+            })
+            .collect());
+    };
+    let ds = Dataset::open(dir)?;
+    let manifest_path = ds.dir.join("manifest.json");
+    let mismatch = |message: String| Error::Dataset {
+        path: manifest_path.clone(),
+        message,
+    };
+    if ds.manifest.split != Split::Train {
+        return Err(mismatch(format!(
+            "split is {:?}: training reads a training split",
+            ds.manifest.split
+        )));
+    }
+    if ds.manifest.image_size != data.image_size {
+        return Err(mismatch(format!(
+            "image_size is {} px, this stage trains at {} px",
+            ds.manifest.image_size, data.image_size
+        )));
+    }
+    if (ds.len() as u64) < count {
+        return Err(Error::Dataset {
+            path: ds.dir.join("samples.jsonl"),
+            message: format!(
+                "has {} records, this stage's dataset_size is {count}: export more or lower it",
+                ds.len()
+            ),
+        });
+    }
+    (0..count as usize)
+        .map(|i| {
+            let r = &ds.records[i];
+            let (image, _) = ds.load(i)?;
+            let sample = Sample {
+                index: r.index,
+                scene: r.scene(),
+                template: r.template,
+                caption: r.caption.clone(),
+            };
+            Ok((sample, image))
+        })
+        .collect()
+}
+
 fn decode(path: &Path, side: u32) -> Result<image::DynamicImage> {
     let bytes = fs::read(path).map_err(io(path))?;
     let img =

@@ -82,6 +82,8 @@ pub struct RunOptions {
     pub save_every: u64,
     pub resume: bool,
     pub progress: bool,
+    /// Train on this exported dataset (`pixart-train dataset`) instead of rendering the procedural one.
+    pub dataset: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -230,6 +232,7 @@ pub fn train(
         config.image_size,
         config.seed,
         config.dataset_size,
+        opts.dataset.as_deref(),
     )?;
     let (latent_shape, prepare_seconds) = (prep.latent_shape(), prep.seconds);
     let (pool, mut text) = (&prep.pool, prep.text);
@@ -237,7 +240,7 @@ pub fn train(
     let (tcfg, student_vars) = load_transformer_vars(&teacher_dir, device)?;
     let (_, target_vars) = load_transformer_vars(&teacher_dir, device)?;
     let teacher = PixArtTransformer::load(&teacher_dir, DType::F32, device)?;
-    let mut inputs = crate::teacher::frozen_inputs(&opts.vae, &opts.text);
+    let mut inputs = crate::teacher::frozen_inputs(&opts.vae, &opts.text, opts.dataset.as_deref());
     inputs.push(("teacher", teacher_dir.clone()));
     let config_json =
         crate::teacher::stage_config(config, &tcfg, crate::inputs::fingerprints(&inputs)?);

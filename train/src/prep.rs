@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
 use pixart::text_encoder::{T5Tokenizer, TextEncoder};
 use pixart::vae::Vae;
 
-use crate::dataset::{DatasetConfig, Sample, Split};
+use crate::dataset::{DatasetConfig, Sample};
 use crate::vae::image_to_tensor;
 use crate::{Error, Result};
 
@@ -149,21 +150,13 @@ pub fn load_vae(dir: &Path) -> Result<(Vae, PathBuf)> {
 }
 
 impl LatentPool {
-    /// Renders and encodes samples `0..count` of `split`, 64 at a time.
-    pub fn encode(
-        vae: &Vae,
-        vae_dir: &Path,
-        data: &DatasetConfig,
-        split: Split,
-        count: u64,
-    ) -> Result<Self> {
-        data.validate()?;
-        let samples = data.samples(split, count);
+    /// Encodes the pictures of `set` (a [`crate::dataset::training_set`]), 64 at a time.
+    pub fn encode(vae: &Vae, vae_dir: &Path, set: Vec<(Sample, RgbImage)>) -> Result<Self> {
         let mut chunks = Vec::new();
-        for chunk in samples.chunks(64) {
+        for chunk in set.chunks(64) {
             let images = chunk
                 .iter()
-                .map(|s| image_to_tensor(&s.scene.render(data.image_size), &Device::Cpu))
+                .map(|(_, image)| image_to_tensor(image, &Device::Cpu))
                 .collect::<Result<Vec<_>>>()?;
             let z = vae
                 .encode_mean(&Tensor::stack(&images, 0)?)
@@ -171,7 +164,7 @@ impl LatentPool {
             chunks.push(z);
         }
         Ok(Self {
-            samples,
+            samples: set.into_iter().map(|(s, _)| s).collect(),
             latents: Tensor::cat(&chunks, 0)?,
         })
     }
@@ -188,24 +181,27 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Loads `vae_dir/vae` and `text_dir/{tokenizer,text_encoder}`, encodes training samples `0..count` of
-    /// the dataset at `seed` and `image_size`, and caches their captions' features.
+    /// Loads `vae_dir/vae` and `text_dir/{tokenizer,text_encoder}`, encodes training samples `0..count` —
+    /// of the procedural dataset at `seed` and `image_size`, or of the exported dataset at `dataset` — and
+    /// caches their captions' features.
     pub fn load(
         vae_dir: &Path,
         text_dir: &Path,
         image_size: u32,
         seed: u64,
         count: u64,
+        dataset: Option<&Path>,
     ) -> Result<Self> {
         let t0 = std::time::Instant::now();
-        let (vae, vae_path) = load_vae(vae_dir)?;
-        let mut text = Text::load(text_dir)?;
         let data = DatasetConfig {
             image_size,
             seed,
             ..Default::default()
         };
-        let pool = LatentPool::encode(&vae, &vae_path, &data, Split::Train, count)?;
+        let set = crate::dataset::training_set(dataset, &data, count)?;
+        let (vae, vae_path) = load_vae(vae_dir)?;
+        let mut text = Text::load(text_dir)?;
+        let pool = LatentPool::encode(&vae, &vae_path, set)?;
         for s in &pool.samples {
             text.features(&s.caption)?;
         }

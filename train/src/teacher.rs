@@ -138,6 +138,8 @@ pub struct RunOptions {
     pub save_every: u64,
     pub resume: bool,
     pub progress: bool,
+    /// Train on this exported dataset (`pixart-train dataset`) instead of rendering the procedural one.
+    pub dataset: Option<PathBuf>,
 }
 
 /// One step's figures.
@@ -265,12 +267,17 @@ pub fn train(
         config.image_size,
         config.seed,
         config.dataset_size,
+        opts.dataset.as_deref(),
     )?;
     let (latent_shape, prepare_seconds) = (prep.latent_shape(), prep.seconds);
     let (pool, mut text) = (&prep.pool, prep.text);
 
     let tcfg = config.transformer(latent_shape[0], latent_shape[1], text.channels());
-    let inputs = crate::inputs::fingerprints(&frozen_inputs(&opts.vae, &opts.text))?;
+    let inputs = crate::inputs::fingerprints(&frozen_inputs(
+        &opts.vae,
+        &opts.text,
+        opts.dataset.as_deref(),
+    ))?;
     let config_json = stage_config(config, &tcfg, inputs);
     let varmap: VarMap = crate::dit::init_varmap(&tcfg, config.seed, device)?;
     let model = PixArtTransformer::trainable(tcfg.clone(), &varmap)?;
@@ -401,14 +408,20 @@ pub fn stage_config(
     serde_json::json!({"run": run, "transformer": t, "inputs": inputs})
 }
 
-/// The `(role, directory)` pairs of the frozen text side and VAE every diffusion stage reads, for
-/// [`crate::inputs::fingerprints`].
-pub fn frozen_inputs(vae: &Path, text: &Path) -> Vec<(&'static str, PathBuf)> {
-    vec![
+/// The `(role, directory)` pairs of the frozen text side and VAE every diffusion stage reads (and the
+/// exported dataset, when it trains on one), for [`crate::inputs::fingerprints`].
+pub fn frozen_inputs(
+    vae: &Path,
+    text: &Path,
+    dataset: Option<&Path>,
+) -> Vec<(&'static str, PathBuf)> {
+    let mut inputs = vec![
         ("vae", vae.join("vae")),
         ("text_encoder", text.join("text_encoder")),
         ("tokenizer", text.join("tokenizer")),
-    ]
+    ];
+    inputs.extend(dataset.map(|d| ("dataset", d.to_path_buf())));
+    inputs
 }
 
 /// Reads an exported `transformer/` directory into variables (for the stages that start from the teacher).

@@ -675,15 +675,20 @@ pub struct TrainingPool {
     pub centres: Vec<(usize, usize)>,
 }
 
-/// Training images `0..count` (the images of [`training_images`]) with their shapes' masks and centres.
-pub fn training_pool(config: &VaeTrainConfig, count: u64, device: &Device) -> Result<TrainingPool> {
+/// Training images `0..count` (the images of [`training_images`], or of the exported dataset at
+/// `dataset`) with their shapes' masks and centres.
+pub fn training_pool(
+    config: &VaeTrainConfig,
+    count: u64,
+    dataset: Option<&Path>,
+    device: &Device,
+) -> Result<TrainingPool> {
     let side = config.image_size as usize;
     let mut images = Vec::with_capacity(count as usize);
     let mut masks = Vec::with_capacity(count as usize * side * side);
     let mut centres = Vec::with_capacity(count as usize);
-    for s in dataset(config)?.samples(Split::Train, count) {
+    for (s, img) in crate::dataset::training_set(dataset, &self::dataset(config)?, count)? {
         let bg = s.scene.background.rgb();
-        let img = s.scene.render(config.image_size);
         let (mut y0, mut y1, mut x0, mut x1) = (side, 0, side, 0);
         for (x, y, p) in img.enumerate_pixels() {
             let on = p.0 != bg;
@@ -760,6 +765,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Draw the progress bar.
     pub progress: bool,
+    /// Train on this exported dataset (`pixart-train dataset`) instead of rendering the procedural one.
+    pub dataset: Option<PathBuf>,
 }
 
 /// One step's figures.
@@ -811,7 +818,10 @@ pub fn train(
             message: "must be at least 1".into(),
         });
     }
-    let config_json = serde_json::to_value(config).expect("the config serialises");
+    let mut config_json = serde_json::to_value(config).expect("the config serialises");
+    if let Some(dir) = &opts.dataset {
+        config_json["inputs"] = crate::inputs::fingerprints(&[("dataset", dir.clone())])?;
+    }
     let ckpt = checkpoint::dir(&opts.out);
     if checkpoint::exists(&ckpt) && !opts.resume {
         return Err(Error::Checkpoint {
@@ -847,7 +857,7 @@ pub fn train(
         images: pool,
         foreground,
         centres,
-    } = training_pool(config, config.dataset_size, device)?;
+    } = training_pool(config, config.dataset_size, opts.dataset.as_deref(), device)?;
     let latent = config.image_size as usize / config.scale_factor();
     let progress = Progress::new(STAGE, step, opts.steps.max(step), opts.progress);
     let mut run = VaeRun {
@@ -995,7 +1005,7 @@ mod tests {
     #[test]
     fn foreground_is_the_shape() {
         let config = VaeTrainConfig::default();
-        let pool = training_pool(&config, 6, &Device::Cpu).unwrap();
+        let pool = training_pool(&config, 6, None, &Device::Cpu).unwrap();
         let (mask, centres) = (pool.foreground, pool.centres);
         let data = DatasetConfig {
             seed: config.seed,

@@ -8,7 +8,9 @@
 //! * the adapter starts as exactly the base model (zero projections) and after training changes it;
 //! * `pixart-train all --smoke` runs the whole chain and its packaged model renders in the farm's own
 //!   pipeline, with and without an edge map;
-//! * bad inputs: a missing VAE directory, another stage's checkpoint — errors naming the path or field.
+//! * an exported dataset (`--dataset`) trains the teacher bit for bit as the procedural one does;
+//! * bad inputs: a missing VAE directory, another stage's checkpoint, a missing, short or corrupt dataset
+//!   directory — errors naming the path or field.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -64,6 +66,7 @@ fn teacher_opts(out: &Path, text: &Path, steps: u64) -> teacher::RunOptions {
         save_every: 2,
         resume: false,
         progress: false,
+        dataset: None,
     }
 }
 
@@ -211,6 +214,7 @@ fn lcd_trains_the_student_and_the_ema_target_follows() {
         save_every: 10,
         resume: false,
         progress: false,
+        dataset: None,
     };
     let run = distill::train(&config, &opts, &Device::Cpu, |_| ControlFlow::Continue(())).unwrap();
     assert!(
@@ -308,6 +312,7 @@ fn the_adapter_starts_as_the_base_and_learns() {
         save_every: 10,
         resume: false,
         progress: false,
+        dataset: None,
     };
     adapter::train(&config, &opts, &dev, |_| ControlFlow::Continue(())).unwrap();
     let trained =
@@ -357,6 +362,62 @@ fn the_adapter_starts_as_the_base_and_learns() {
         err.contains("state.json") && err.contains("objective"),
         "{err}"
     );
+}
+
+#[test]
+fn the_teacher_trains_alike_from_an_exported_dataset_and_names_a_bad_one() {
+    use pixart_train::dataset::{DatasetConfig, Split, export};
+    let tmp = tempfile::tempdir().unwrap();
+    let text = text_dir(tmp.path());
+    let config = tiny_teacher();
+    let data = tmp.path().join("data");
+    let procedural = DatasetConfig {
+        seed: config.seed,
+        ..Default::default()
+    };
+    export(&data, &procedural, Split::Train, config.dataset_size).unwrap();
+
+    // The exported PNGs are the rendered scenes, losslessly: two steps on the files are two steps on
+    // the procedural dataset, bit for bit.
+    let rendered = tmp.path().join("rendered");
+    teacher::train(
+        &config,
+        &teacher_opts(&rendered, &text, 2),
+        &Device::Cpu,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    let from_files = tmp.path().join("files");
+    let mut opts = teacher_opts(&from_files, &text, 2);
+    opts.dataset = Some(data.clone());
+    teacher::train(&config, &opts, &Device::Cpu, |_| ControlFlow::Continue(())).unwrap();
+    let (a, b) = (weights(&rendered), weights(&from_files));
+    for (name, t) in &a {
+        assert_eq!(max_diff(t, &b[name]), 0.0, "`{name}` differs");
+    }
+
+    let err_with = |dataset: PathBuf, config: &TeacherConfig| {
+        let mut opts = teacher_opts(&tmp.path().join("bad"), &text, 1);
+        opts.dataset = Some(dataset);
+        teacher::train(config, &opts, &Device::Cpu, |_| ControlFlow::Continue(()))
+            .unwrap_err()
+            .to_string()
+    };
+    let err = err_with(tmp.path().join("nowhere"), &config);
+    assert!(
+        err.contains("nowhere") && err.contains("not a directory"),
+        "{err}"
+    );
+    let mut bigger = config.clone();
+    bigger.dataset_size = config.dataset_size + 1;
+    let err = err_with(data.clone(), &bigger);
+    assert!(
+        err.contains("samples.jsonl") && err.contains("dataset_size"),
+        "{err}"
+    );
+    std::fs::write(data.join("images/000003.png"), b"not a png").unwrap();
+    let err = err_with(data.clone(), &config);
+    assert!(err.contains("000003.png") && err.contains("PNG"), "{err}");
 }
 
 #[test]

@@ -45,6 +45,7 @@ fn opts(out: &Path, steps: u64, save_every: u64, resume: bool) -> RunOptions {
         save_every,
         resume,
         progress: false,
+        dataset: None,
     }
 }
 
@@ -364,7 +365,7 @@ fn a_constant_weight_is_the_plain_loss() -> Result<()> {
         (plain - same).abs() <= 1e-6 * plain.abs(),
         "{plain} vs {same}"
     );
-    let mask = vae::training_pool(&config, 2, &Device::Cpu)?.foreground;
+    let mask = vae::training_pool(&config, 2, None, &Device::Cpu)?.foreground;
     let w = (mask * 10.0)?.affine(1.0, 1.0)?;
     let weighted = model
         .weighted_loss(&x, &noise, Some(&w))?

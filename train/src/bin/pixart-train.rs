@@ -51,6 +51,26 @@ enum Command {
     /// Draws the scene a caption describes (the picture the model should render) and its exact
     /// outline, the edge map the adapter was trained on: control images for prompts of your own.
     Scene(SceneArgs),
+    /// Exports the procedural dataset to a directory (manifest.json, samples.jsonl, images/, edges/):
+    /// every training stage's `--dataset` reads it back.
+    Dataset(DatasetArgs),
+}
+
+#[derive(clap::Args)]
+struct DatasetArgs {
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples to write (the stages read the first `--dataset-size` of them).
+    #[arg(long, default_value_t = TeacherConfig::default().dataset_size)]
+    count: u64,
+    /// The training runs' `--seed` (a stage's procedural dataset is drawn from its seed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 64)]
+    side: u32,
+    /// Write the held-out (colour, shape) combinations instead of the training split.
+    #[arg(long)]
+    held_out: bool,
 }
 
 #[derive(clap::Args)]
@@ -83,6 +103,9 @@ struct TextArgs {
 struct TeacherArgs {
     #[arg(long)]
     out: PathBuf,
+    /// Train on this exported dataset (`pixart-train dataset`) instead of rendering the procedural one.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
     /// The VAE stage's output directory (holding vae/).
     #[arg(long)]
     vae: PathBuf,
@@ -144,6 +167,9 @@ impl ScheduleArgs {
 struct LcdArgs {
     #[arg(long)]
     out: PathBuf,
+    /// Train on this exported dataset (`pixart-train dataset`) instead of rendering the procedural one.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
     /// The teacher stage's output directory (holding transformer/).
     #[arg(long)]
     teacher: PathBuf,
@@ -181,6 +207,9 @@ struct LcdArgs {
 struct ControlnetArgs {
     #[arg(long)]
     out: PathBuf,
+    /// Train on this exported dataset (`pixart-train dataset`) instead of rendering the procedural one.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
     /// A directory holding transformer/ (the LCD stage's output).
     #[arg(long)]
     base: PathBuf,
@@ -228,6 +257,9 @@ struct EdgesArgs {
 struct AllArgs {
     #[arg(long)]
     out: PathBuf,
+    /// Train on this exported dataset (`pixart-train dataset`) instead of rendering the procedural one.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// A few steps of every stage at tiny sizes (CI): checks the chain, not the model.
@@ -303,6 +335,9 @@ struct VaeArgs {
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
+    /// Train on this exported dataset (`pixart-train dataset`) instead of rendering the procedural one.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
     /// Total training steps (a resumed run continues up to this).
     #[arg(long, default_value_t = 2000)]
     steps: u64,
@@ -375,6 +410,7 @@ fn main() -> anyhow::Result<()> {
                 save_every: a.save_every,
                 resume: a.resume,
                 progress: !a.log,
+                dataset: a.dataset,
             };
             let log = a.log;
             let run = vae::train(&config, &opts, &candle_core::Device::Cpu, |r| {
@@ -450,6 +486,21 @@ fn main() -> anyhow::Result<()> {
         Command::Edges(a) => run_edges(a)?,
         Command::All(a) => run_all(a)?,
         Command::Scene(a) => run_scene(a)?,
+        Command::Dataset(a) => {
+            let config = pixart_train::dataset::DatasetConfig {
+                image_size: a.side,
+                seed: a.seed,
+                ..Default::default()
+            };
+            let split = if a.held_out {
+                pixart_train::dataset::Split::HeldOut
+            } else {
+                pixart_train::dataset::Split::Train
+            };
+            pixart_train::dataset::export(&a.out, &config, split, a.count)
+                .with_context(|| format!("exporting the dataset to {}", a.out.display()))?;
+            println!("wrote {} samples to {}", a.count, a.out.display());
+        }
         Command::Package(a) => {
             pixart_train::package::write(&pixart_train::package::Parts {
                 out: a.out.clone(),
@@ -524,6 +575,7 @@ fn run_teacher(a: TeacherArgs) -> anyhow::Result<()> {
         save_every: a.save_every,
         resume: a.resume,
         progress: !a.log,
+        dataset: a.dataset.clone(),
     };
     let log = a.log;
     let run = teacher::train(&config, &opts, &candle_core::Device::Cpu, |r| {
@@ -575,6 +627,7 @@ fn run_lcd(a: LcdArgs) -> anyhow::Result<()> {
         save_every: a.save_every,
         resume: a.resume,
         progress: !a.log,
+        dataset: a.dataset.clone(),
     };
     let log = a.log;
     let run = distill::train(&config, &opts, &candle_core::Device::Cpu, |r| {
@@ -616,6 +669,7 @@ fn run_controlnet(a: ControlnetArgs) -> anyhow::Result<()> {
         save_every: a.save_every,
         resume: a.resume,
         progress: !a.log,
+        dataset: a.dataset.clone(),
     };
     let log = a.log;
     let run = adapter::train(&config, &opts, &candle_core::Device::Cpu, |r| {
@@ -838,6 +892,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             save_every: 200,
             resume: resume_of(&vae_dir),
             progress: true,
+            dataset: a.dataset.clone(),
         };
         vae::train(&config, &opts, &dev, step_log(&vae_dir)?).context("stage vae")?;
     }
@@ -873,6 +928,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             save_every: 250,
             resume: resume_of(&teacher_dir),
             progress: true,
+            dataset: a.dataset.clone(),
         };
         let run = teacher::train(&config, &opts, &dev, step_log(&teacher_dir)?)
             .context("stage teacher")?;
@@ -906,6 +962,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             save_every: 100,
             resume: resume_of(&lcd_dir),
             progress: true,
+            dataset: a.dataset.clone(),
         };
         distill::train(&config, &opts, &dev, step_log(&lcd_dir)?).context("stage lcd")?;
     }
@@ -936,6 +993,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             save_every: 100,
             resume: resume_of(&cn_dir),
             progress: true,
+            dataset: a.dataset.clone(),
         };
         adapter::train(&config, &opts, &dev, step_log(&cn_dir)?).context("stage controlnet")?;
     }

@@ -265,7 +265,7 @@ pub fn train(
         &base_config,
         &Weights::from_varmap(&varmap)?,
     )?;
-    let mut inputs = crate::teacher::frozen_inputs(&opts.vae, &opts.text, opts.dataset.as_deref());
+    let mut inputs = crate::inputs::frozen_inputs(&opts.vae, &opts.text, opts.dataset.as_deref());
     inputs.push(("base", opts.base.join("transformer")));
     let config_json = stage_config(config, &base_config, crate::inputs::fingerprints(&inputs)?);
     let vars = sorted_vars(&varmap);

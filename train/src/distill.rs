@@ -240,7 +240,7 @@ pub fn train(
     let (tcfg, student_vars) = load_transformer_vars(&teacher_dir, device)?;
     let (_, target_vars) = load_transformer_vars(&teacher_dir, device)?;
     let teacher = PixArtTransformer::load(&teacher_dir, DType::F32, device)?;
-    let mut inputs = crate::teacher::frozen_inputs(&opts.vae, &opts.text, opts.dataset.as_deref());
+    let mut inputs = crate::inputs::frozen_inputs(&opts.vae, &opts.text, opts.dataset.as_deref());
     inputs.push(("teacher", teacher_dir.clone()));
     let config_json =
         crate::teacher::stage_config(config, &tcfg, crate::inputs::fingerprints(&inputs)?);

@@ -29,6 +29,22 @@ pub fn fingerprints(inputs: &[(&str, PathBuf)]) -> Result<serde_json::Value> {
     Ok(serde_json::Value::Object(out))
 }
 
+/// The `(role, directory)` pairs of the frozen text side and VAE every diffusion stage reads (and the
+/// exported dataset, when it trains on one), for [`fingerprints`].
+pub fn frozen_inputs(
+    vae: &Path,
+    text: &Path,
+    dataset: Option<&Path>,
+) -> Vec<(&'static str, PathBuf)> {
+    let mut inputs = vec![
+        ("vae", vae.join("vae")),
+        ("text_encoder", text.join("text_encoder")),
+        ("tokenizer", text.join("tokenizer")),
+    ];
+    inputs.extend(dataset.map(|d| ("dataset", d.to_path_buf())));
+    inputs
+}
+
 fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(|e| io_error(dir, e))?;
     for entry in entries {

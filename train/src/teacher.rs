@@ -273,7 +273,7 @@ pub fn train(
     let (pool, mut text) = (&prep.pool, prep.text);
 
     let tcfg = config.transformer(latent_shape[0], latent_shape[1], text.channels());
-    let inputs = crate::inputs::fingerprints(&frozen_inputs(
+    let inputs = crate::inputs::fingerprints(&crate::inputs::frozen_inputs(
         &opts.vae,
         &opts.text,
         opts.dataset.as_deref(),
@@ -406,22 +406,6 @@ pub fn stage_config(
     let t: serde_json::Value =
         serde_json::from_str(&transformer.to_json_string()).expect("a config serialises to JSON");
     serde_json::json!({"run": run, "transformer": t, "inputs": inputs})
-}
-
-/// The `(role, directory)` pairs of the frozen text side and VAE every diffusion stage reads (and the
-/// exported dataset, when it trains on one), for [`crate::inputs::fingerprints`].
-pub fn frozen_inputs(
-    vae: &Path,
-    text: &Path,
-    dataset: Option<&Path>,
-) -> Vec<(&'static str, PathBuf)> {
-    let mut inputs = vec![
-        ("vae", vae.join("vae")),
-        ("text_encoder", text.join("text_encoder")),
-        ("tokenizer", text.join("tokenizer")),
-    ];
-    inputs.extend(dataset.map(|d| ("dataset", d.to_path_buf())));
-    inputs
 }
 
 /// Reads an exported `transformer/` directory into variables (for the stages that start from the teacher).

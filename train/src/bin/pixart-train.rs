@@ -582,7 +582,7 @@ fn run_teacher(a: TeacherArgs) -> anyhow::Result<()> {
         save_every: a.save_every,
         resume: a.resume,
         progress: !a.log,
-        dataset: a.dataset.clone(),
+        dataset: a.dataset,
     };
     let log = a.log;
     let run = teacher::train(&config, &opts, &candle_core::Device::Cpu, |r| {
@@ -635,7 +635,7 @@ fn run_lcd(a: LcdArgs) -> anyhow::Result<()> {
         save_every: a.save_every,
         resume: a.resume,
         progress: !a.log,
-        dataset: a.dataset.clone(),
+        dataset: a.dataset,
     };
     let log = a.log;
     let run = distill::train(&config, &opts, &candle_core::Device::Cpu, |r| {
@@ -677,7 +677,7 @@ fn run_controlnet(a: ControlnetArgs) -> anyhow::Result<()> {
         save_every: a.save_every,
         resume: a.resume,
         progress: !a.log,
-        dataset: a.dataset.clone(),
+        dataset: a.dataset,
     };
     let log = a.log;
     let run = adapter::train(&config, &opts, &candle_core::Device::Cpu, |r| {

@@ -71,6 +71,7 @@ pub mod analyse;
 pub mod attributes;
 pub mod caption;
 pub mod checkpoint;
+pub mod confusion;
 pub mod conv;
 pub mod dataset;
 pub mod diffusion;

@@ -335,6 +335,9 @@ struct EvalArgs {
     /// Write the first images as a PNG grid here.
     #[arg(long)]
     sheet: Option<PathBuf>,
+    /// Also print the colour confusion table (asked-for against read foreground colour).
+    #[arg(long)]
+    confusion: bool,
 }
 
 #[derive(clap::Args)]
@@ -1149,6 +1152,14 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         report.sampler.evaluations(),
         report.seconds_per_image
     );
+    if a.confusion {
+        let mut table = pixart_train::confusion::ColourConfusion::default();
+        for (s, image) in samples.iter().zip(&report.images) {
+            let read = pixart_train::analyse::analyse(image);
+            table.add(s.scene.attributes.colour, s.scene.background, read.as_ref());
+        }
+        println!("{table}");
+    }
     if let Some(path) = a.sheet {
         let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
         pixart_train::sheet::write(&path, &report.images, &captions, 8, 32)

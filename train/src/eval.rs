@@ -16,7 +16,7 @@ use pixart::transformer::PixArtTransformer;
 use pixart::vae::Vae;
 
 use crate::Result;
-use crate::analyse::analyse;
+use crate::analyse::{Analysis, analyse};
 use crate::attributes::Attributes;
 use crate::dataset::{DatasetConfig, Sample, Split};
 use crate::edges::EdgeMap;
@@ -135,6 +135,9 @@ pub struct Report {
     pub seconds_per_image: f64,
     /// The rendered images, in prompt order.
     pub images: Vec<RgbImage>,
+    /// What the analyser read from each image (`None`: no foreground found), in prompt order, so that
+    /// further tables (the colour confusion) need not analyse the images again.
+    pub readings: Vec<Option<Analysis>>,
 }
 
 /// Renders every prompt with `sampler`, `batch` at a time, and scores the images.
@@ -152,6 +155,7 @@ pub fn evaluate(
     let t0 = Instant::now();
     let mut accuracy = PromptAccuracy::default();
     let mut images = Vec::with_capacity(samples.len());
+    let mut readings = Vec::with_capacity(samples.len());
     for (chunk_index, chunk) in samples.chunks(batch.max(1)).enumerate() {
         let base = chunk_index * batch.max(1);
         let (x, y, mask) = chunk_inputs(chunk, base, noise_seed, (latent_c, side), text)?;
@@ -170,9 +174,10 @@ pub fn evaluate(
             )?,
         };
         for (s, image) in chunk.iter().zip(sample::decode(vae, &latents)?) {
-            let read = analyse(&image).map(|a| a.attributes);
-            accuracy.add(&s.scene.attributes, read.as_ref());
+            let read = analyse(&image);
+            accuracy.add(&s.scene.attributes, read.as_ref().map(|a| &a.attributes));
             images.push(image);
+            readings.push(read);
         }
     }
     Ok(Report {
@@ -180,6 +185,7 @@ pub fn evaluate(
         accuracy,
         seconds_per_image: t0.elapsed().as_secs_f64() / samples.len().max(1) as f64,
         images,
+        readings,
     })
 }
 

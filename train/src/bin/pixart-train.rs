@@ -1154,8 +1154,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     );
     if a.confusion {
         let mut table = pixart_train::confusion::ColourConfusion::default();
-        for (s, image) in samples.iter().zip(&report.images) {
-            let read = pixart_train::analyse::analyse(image);
+        for (s, read) in samples.iter().zip(&report.readings) {
             table.add(s.scene.attributes.colour, s.scene.background, read.as_ref());
         }
         println!("{table}");

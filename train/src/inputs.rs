@@ -13,6 +13,14 @@ use crate::{Error, Result};
 pub fn fingerprints(inputs: &[(&str, PathBuf)]) -> Result<serde_json::Value> {
     let mut out = serde_json::Map::new();
     for (role, dir) in inputs {
+        // Checked here, not left to `read_dir`, so that the error says which input is missing rather
+        // than the OS's bare "No such file or directory".
+        if !dir.is_dir() {
+            return Err(Error::ModelDir {
+                path: dir.clone(),
+                message: format!("the {role} input is not a directory (missing or mistyped path?)"),
+            });
+        }
         let mut files = Vec::new();
         walk(dir, &mut files)?;
         files.sort();
@@ -83,6 +91,12 @@ mod tests {
             after["vae"]["vae/weights.bin"],
             before["vae"]["vae/weights.bin"]
         );
-        assert!(fingerprints(&[("vae", dir.path().join("missing"))]).is_err());
+        let missing = fingerprints(&[("dataset", dir.path().join("missing"))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("missing") && missing.contains("the dataset input"),
+            "{missing}"
+        );
     }
 }

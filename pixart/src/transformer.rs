@@ -6,8 +6,9 @@
 //! the shared [`Conditioning`]) and [`FinalLayer::forward`] (modulation, projection, unpatchify).
 //!
 //! Training ([`Mode::Train`], from [`PixArtTransformer::trainable`]): the same modules, built over a
-//! `VarMap`'s live variables, with every fused kernel replaced by differentiable tensor ops
-//! ([`modulated_layer_norm_differentiable`], candle's tanh-GELU, the composed softmax). Both modes compute
+//! `VarMap`'s live variables, with every forward-only fused kernel replaced by a differentiable one
+//! ([`modulated_layer_norm_differentiable`], [`crate::kernels::gelu_tanh_differentiable`] — the fused GELU
+//! with its own backward — and the composed softmax). Both modes compute
 //! the same function up to f32 rounding; `pixart-train`'s tests check the gradients and the agreement.
 
 use std::path::Path;
@@ -167,7 +168,7 @@ pub struct FeedForward {
     pub proj_in: Dense,
     pub proj_out: Dense,
     pub activation: FeedForwardActivation,
-    /// [`Mode::Train`]: candle's differentiable tanh-GELU instead of the fused kernel.
+    /// [`Mode::Train`]: the fused tanh-GELU with a backward pass instead of the forward-only kernel.
     pub mode: Mode,
 }
 
@@ -187,7 +188,9 @@ impl FeedForward {
         let h = self.proj_in.forward(x)?;
         let h = match (self.activation, self.mode) {
             (FeedForwardActivation::GeluTanh, Mode::Inference) => crate::kernels::gelu_tanh(&h)?,
-            (FeedForwardActivation::GeluTanh, Mode::Train) => h.gelu()?,
+            (FeedForwardActivation::GeluTanh, Mode::Train) => {
+                crate::kernels::gelu_tanh_differentiable(&h)?
+            }
             (FeedForwardActivation::GeluErf, _) => h.gelu_erf()?,
         };
         Ok(self.proj_out.forward(&h)?)

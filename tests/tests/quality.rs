@@ -81,10 +81,12 @@ async fn trained_model_draws_what_unseen_prompts_ask() -> Result<()> {
     }
     let report = format!("{accuracy}\n{}", lines.join("\n"));
     // What `pixart-train eval` measures for this model at 4 LCM steps on 200 prompts (BENCHMARKS.md,
-    // "the bundled model") is position 96.5 %, size 85.5 %, shape 52.5 %, colour 44.5 %; through the
-    // farm these 48 gave 100 / 85.4 / 56.2 / 29.2 %. Position carries the bound (chance 20 %); the
-    // others are printed for whoever trains a better model.
+    // "the bundled model") is position 98.5 %, size 85.5 %, shape 61.0 %, colour 72.5 %; through the
+    // farm these 48 gave 97.9 / 85.4 / 64.6 / 66.7 % (all four 37.5 %). Position and colour carry the
+    // bounds (chance 20 % and 12.5 %), with room for another CPU's rounding; shape and size are printed
+    // for whoever trains a better model.
     assert!(accuracy.position_rate() >= 0.80, "position\n{report}");
+    assert!(accuracy.colour_rate() >= 0.45, "colour\n{report}");
     println!("{report}");
     farm.shutdown().await
 }

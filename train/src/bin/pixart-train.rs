@@ -271,7 +271,7 @@ struct AllArgs {
     smoke: bool,
     #[arg(long, default_value_t = 2000)]
     vae_steps: u64,
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 8000)]
     teacher_steps: u64,
     #[arg(long, default_value_t = 1000)]
     lcd_steps: u64,

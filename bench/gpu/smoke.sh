@@ -11,6 +11,8 @@
 # deploy/cuda/toolkit.sh's link-only stubs (which abort if called, so a CPU run proves no CUDA call is
 # made on the CPU path). The stubs are put on the binaries' path only: PyTorch's CUDA wheels would load
 # them too and abort.
+# results.jsonl and summary.md go to $PIXFARM_GPU_SMOKE_OUT when set; otherwise only the printed summary
+# stays (the work folder, with the 2.4 GB real-size model, is removed on exit).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUNDLE=$(realpath "${1:-.gpu-bundle}")

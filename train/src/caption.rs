@@ -83,6 +83,32 @@ pub fn caption(a: &Attributes, background: Colour, template: usize) -> String {
     }
 }
 
+/// Number of [`layout_free`] templates.
+pub const LAYOUT_FREE_TEMPLATES: usize = 3;
+
+/// A caption that names what to draw (foreground colour and shape, background colour) but not where or how
+/// big: the prompt a ControlNet user writes when the edge map gives the layout. The adapter trains on some
+/// of these (so that it, not the caption, carries size and position) and the edge evaluation scores them
+/// (with the layout left open, the F1 without control measures chance, not the prompt). Only words of
+/// [`caption`]'s vocabulary occur, so the word-level tokenizer knows them all; [`parse`] reads none of
+/// them (no size, no position).
+///
+/// ```
+/// use pixart_train::attributes::{Colour, Shape};
+/// assert_eq!(
+///     pixart_train::caption::layout_free(Colour::Red, Shape::Circle, Colour::Blue, 0),
+///     "a red circle on a blue background"
+/// );
+/// ```
+pub fn layout_free(colour: Colour, shape: Shape, background: Colour, template: usize) -> String {
+    let (c, s, bg) = (colour.name(), shape.name(), background.name());
+    match template % LAYOUT_FREE_TEMPLATES {
+        0 => format!("a {c} {s} on a {bg} background"),
+        1 => format!("{c} {s}, {bg} backdrop"),
+        _ => format!("a {bg} background with a {c} {s}"),
+    }
+}
+
 /// Reads the foreground attributes and the background colour back from a caption, or `None` when the
 /// caption does not name exactly one foreground colour, one background colour, one shape, one size and one
 /// position. Case-insensitive; accepts every template of [`caption`].
@@ -205,6 +231,39 @@ mod tests {
                 "white backdrop, big green cross, bottom right",
             ]
         );
+    }
+
+    #[test]
+    fn layout_free_captions_name_colours_and_shape_only() {
+        let a = Attributes {
+            colour: Colour::Green,
+            shape: Shape::Cross,
+            size: Size::Large,
+            position: Position::Centre,
+        };
+        let words = |text: &str| -> Vec<String> {
+            text.split(|ch: char| !ch.is_ascii_alphanumeric())
+                .filter(|w| !w.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        let vocabulary: std::collections::HashSet<String> = (0..TEMPLATES)
+            .flat_map(|t| words(&caption(&a, Colour::White, t)))
+            .collect();
+        for t in 0..LAYOUT_FREE_TEMPLATES {
+            let text = layout_free(a.colour, a.shape, Colour::White, t);
+            assert_eq!(parse(&text), None, "{text}: no size, no position");
+            let w = words(&text);
+            for needed in ["green", "cross", "white"] {
+                assert!(w.iter().any(|x| x == needed), "{text}: no `{needed}`");
+            }
+            for word in &w {
+                assert!(
+                    vocabulary.contains(word),
+                    "{text}: `{word}` is not in the grammar"
+                );
+            }
+        }
     }
 
     #[test]

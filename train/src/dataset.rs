@@ -84,6 +84,15 @@ pub struct Sample {
     pub caption: String,
 }
 
+impl Sample {
+    /// This scene's caption without size and position ([`caption::layout_free`], template `template`):
+    /// what a prompt says when an edge map gives the layout.
+    pub fn layout_free_caption(&self, template: usize) -> String {
+        let a = &self.scene.attributes;
+        caption::layout_free(a.colour, a.shape, self.scene.background, template)
+    }
+}
+
 impl DatasetConfig {
     /// Checks the size and the held-out list (which must leave every colour and shape in training).
     pub fn validate(&self) -> Result<()> {

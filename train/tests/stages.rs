@@ -346,22 +346,41 @@ fn the_adapter_starts_as_the_base_and_learns() {
         losses.len() == 3 && losses.iter().all(|l| l.is_finite() && *l > 0.0),
         "{losses:?}"
     );
-    let err = adapter::train(
-        &config,
-        &adapter::RunOptions {
-            resume: true,
-            steps: 4,
-            ..cn2
-        },
-        &dev,
-        |_| ControlFlow::Continue(()),
-    )
-    .unwrap_err()
-    .to_string();
+    // The error of training `config` with `opts`, which must fail.
+    let refused = |config: &AdapterConfig, opts: adapter::RunOptions| {
+        adapter::train(config, &opts, &dev, |_| ControlFlow::Continue(()))
+            .unwrap_err()
+            .to_string()
+    };
+    let resume = adapter::RunOptions {
+        resume: true,
+        steps: 4,
+        ..cn2.clone()
+    };
+    let err = refused(&config, resume.clone());
     assert!(
         err.contains("state.json") && err.contains("objective"),
         "{err}"
     );
+    // Nor under another share of layout-free captions; and a share outside 0..=1 is refused by name.
+    let other_share = AdapterConfig {
+        layout_free: 0.0,
+        ..consistency.clone()
+    };
+    let err = refused(&other_share, resume);
+    assert!(err.contains("layout_free"), "{err}");
+    let bad_share = AdapterConfig {
+        layout_free: 1.5,
+        ..config.clone()
+    };
+    let err = refused(
+        &bad_share,
+        adapter::RunOptions {
+            out: tmp.path().join("cn3"),
+            ..cn2
+        },
+    );
+    assert!(err.contains("layout_free") && err.contains("1.5"), "{err}");
 }
 
 #[test]
@@ -453,9 +472,15 @@ fn the_whole_chain_runs_and_its_model_renders_in_the_farm_pipeline() {
         Some(6),
         "{report}"
     );
+    // The VAE round trip, then scale 1 / scale 0 / no adapter with full and with layout-free prompts.
+    let edges = report["edges"].as_array().expect("edges");
+    assert_eq!(edges.len(), 7, "{report}");
     assert_eq!(
-        report["edges"].as_array().map(Vec::len),
-        Some(4),
+        edges
+            .iter()
+            .filter(|e| e["prompts"] == "layout-free")
+            .count(),
+        3,
         "{report}"
     );
     assert!(out.join("sheet.png").exists() && out.join("sheet.txt").exists());

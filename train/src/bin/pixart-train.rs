@@ -39,7 +39,8 @@ enum Command {
     Lcd(LcdArgs),
     /// Stage 5: the ControlNet-Transformer adapter on edge maps; writes OUT/checkpoint and OUT/controlnet.
     Controlnet(ControlnetArgs),
-    /// Edge alignment of a model with its adapter: F1 at scale 1, scale 0 and without the adapter.
+    /// Edge alignment of a model with its adapter: F1 at scale 1, scale 0 and without the adapter, with
+    /// the prompts' full captions and with captions that leave size and position to the edge map.
     Edges(EdgesArgs),
     /// Every stage in order into OUT/<stage>, each resumed or skipped when already done, then the
     /// packaged model (OUT/model), its figures (OUT/report.json) and a contact sheet (OUT/sheet.png).
@@ -221,7 +222,7 @@ struct ControlnetArgs {
     vae: PathBuf,
     #[arg(long)]
     text: PathBuf,
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1500)]
     steps: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -239,6 +240,10 @@ struct ControlnetArgs {
     /// clean latent, at the LCD solver's timesteps).
     #[arg(long, default_value_t = AdapterConfig::default().objective)]
     objective: adapter::Objective,
+    /// The share of training captions without size and position ("a red circle on a blue background"),
+    /// so that the adapter must read the layout from the edge map.
+    #[arg(long, default_value_t = AdapterConfig::default().layout_free)]
+    layout_free: f64,
     #[arg(long)]
     log: bool,
 }
@@ -255,6 +260,9 @@ struct EdgesArgs {
     /// Write contact sheets of the first 32 images here: `controls.png` (the outlines) and one per setting.
     #[arg(long)]
     sheets: Option<PathBuf>,
+    /// Also write the rows as JSON, in the form of `report.json`'s `edges` (what `all` writes).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -280,7 +288,9 @@ struct AllArgs {
     /// The LCD stage's guidance w (LCM form; CFG w + 1). The paper's is 4.5.
     #[arg(long, default_value_t = 1.0)]
     lcd_guidance: f64,
-    #[arg(long, default_value_t = 600)]
+    /// 1,500 rather than 600 with layout-free captions: edge F1 with layout-free prompts 0.34 → 0.41
+    /// (BENCHMARKS.md, "seventh run").
+    #[arg(long, default_value_t = 1500)]
     controlnet_steps: u64,
     /// Prompts scored at the end (0: no evaluation).
     #[arg(long, default_value_t = 200)]
@@ -671,6 +681,7 @@ fn run_controlnet(a: ControlnetArgs) -> anyhow::Result<()> {
         batch_size: a.batch_size,
         dataset_size: a.dataset_size,
         objective: a.objective,
+        layout_free: a.layout_free,
         ..Default::default()
     };
     let opts = adapter::RunOptions {
@@ -706,13 +717,25 @@ fn run_controlnet(a: ControlnetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Edge F1 with the adapter at scale 1 and 0 and without it, on `count` held-back prompts.
+/// One row of [`edge_report`].
+struct EdgeRow {
+    /// `full` (the dataset's captions) or `layout-free` (colours and shape only).
+    prompts: &'static str,
+    control: String,
+    f1: f64,
+    accuracy: String,
+}
+
+/// Edge F1 with the adapter at scale 1 and 0 and without it, on `count` held-back prompts, once with
+/// their full captions and once with captions that leave size and position to the edge map: with a full
+/// caption the base alone already draws the outline's layout, so only the second tells what the adapter
+/// adds.
 fn edge_report(
     model: &std::path::Path,
     count: usize,
     steps: usize,
     sheets: Option<&std::path::Path>,
-) -> anyhow::Result<Vec<(String, f64, String)>> {
+) -> anyhow::Result<Vec<EdgeRow>> {
     let dev = candle_core::Device::Cpu;
     let transformer = pixart::transformer::PixArtTransformer::load(
         model.join("transformer"),
@@ -732,11 +755,22 @@ fn edge_report(
         ..Default::default()
     };
     let samples = data.samples(Split::Train, count as u64);
-    let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
-    let write_sheet = |name: &str, images: &[image::RgbImage]| -> anyhow::Result<()> {
+    let layout_free: Vec<_> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| pixart_train::dataset::Sample {
+            caption: s.layout_free_caption(i),
+            ..s.clone()
+        })
+        .collect();
+    let write_sheet = |name: &str,
+                       images: &[image::RgbImage],
+                       samples: &[pixart_train::dataset::Sample]|
+     -> anyhow::Result<()> {
         if let Some(dir) = sheets {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let path = dir.join(format!("{}.png", name.replace(' ', "-")));
+            let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
             pixart_train::sheet::write(&path, images, &captions, 8, 32)
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("contact sheet: {}", path.display());
@@ -748,7 +782,7 @@ fn edge_report(
             .iter()
             .map(|s| pixart_train::adapter::control_image(s, 64, false))
             .collect::<pixart_train::Result<Vec<_>>>()?;
-        write_sheet("controls", &controls)?;
+        write_sheet("controls", &controls, &samples)?;
     }
     let mut out = Vec::new();
     // The ceiling: the dataset's own pictures through the VAE, scored by the same metric.
@@ -760,26 +794,50 @@ fn edge_report(
     let ceiling = ceiling / samples.len().max(1) as f64;
     println!("edges VAE round trip (the ceiling): F1 {ceiling:.3} · {round_trip}");
     let images: Vec<image::RgbImage> = reconstructions.into_iter().map(|(i, _)| i).collect();
-    write_sheet("vae round trip", &images)?;
-    out.push((
-        "VAE round trip".to_string(),
-        ceiling,
-        round_trip.to_string(),
-    ));
-    for (name, a) in [
-        ("scale 1", Some((&adapter, 1.0f32))),
-        ("scale 0", Some((&adapter, 0.0))),
-        ("no adapter", None),
-    ] {
-        let r = eval::evaluate_edges(&transformer, a, &vae, &mut text, &samples, steps, 7_000, 16)?;
-        println!(
-            "edges {name}: F1 {:.3} · {} · {:.3} s/image",
-            r.f1, r.accuracy, r.seconds_per_image
-        );
-        write_sheet(name, &r.images)?;
-        out.push((name.to_string(), r.f1, r.accuracy.to_string()));
+    write_sheet("vae round trip", &images, &samples)?;
+    out.push(EdgeRow {
+        prompts: "full",
+        control: "VAE round trip".to_string(),
+        f1: ceiling,
+        accuracy: round_trip.to_string(),
+    });
+    for (prompts, set) in [("full", &samples), ("layout-free", &layout_free)] {
+        for (name, a) in [
+            ("scale 1", Some((&adapter, 1.0f32))),
+            ("scale 0", Some((&adapter, 0.0))),
+            ("no adapter", None),
+        ] {
+            let r = eval::evaluate_edges(&transformer, a, &vae, &mut text, set, steps, 7_000, 16)?;
+            println!(
+                "edges, {prompts} prompts, {name}: F1 {:.3} · {} · {:.3} s/image",
+                r.f1, r.accuracy, r.seconds_per_image
+            );
+            let sheet = if prompts == "full" {
+                name.to_string()
+            } else {
+                format!("{prompts} {name}")
+            };
+            write_sheet(&sheet, &r.images, set)?;
+            out.push(EdgeRow {
+                prompts,
+                control: name.to_string(),
+                f1: r.f1,
+                accuracy: r.accuracy.to_string(),
+            });
+        }
     }
     Ok(out)
+}
+
+/// `report.json`'s `edges`.
+fn edge_rows_json(rows: &[EdgeRow]) -> serde_json::Value {
+    serde_json::json!(
+        rows.iter()
+            .map(|r| serde_json::json!({
+                "prompts": r.prompts, "control": r.control, "f1": r.f1, "accuracy": r.accuracy,
+            }))
+            .collect::<Vec<_>>()
+    )
 }
 
 fn run_scene(a: SceneArgs) -> anyhow::Result<()> {
@@ -819,7 +877,15 @@ fn run_scene(a: SceneArgs) -> anyhow::Result<()> {
 }
 
 fn run_edges(a: EdgesArgs) -> anyhow::Result<()> {
-    edge_report(&a.model, a.count, a.steps, a.sheets.as_deref()).map(|_| ())
+    let rows = edge_report(&a.model, a.count, a.steps, a.sheets.as_deref())?;
+    if let Some(path) = &a.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&edge_rows_json(&rows))? + "\n",
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// An `on_step` that appends every step's figures to `dir/steps.jsonl` (the progress bar is hidden when
@@ -1108,12 +1174,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
         }
         let edges = edge_report(&model, if smoke { 4 } else { 50 }, 4, None)?;
         report["accuracy"] = serde_json::json!(rows);
-        report["edges"] = serde_json::json!(
-            edges
-                .iter()
-                .map(|(n, f1, acc)| serde_json::json!({"control": n, "f1": f1, "accuracy": acc}))
-                .collect::<Vec<_>>()
-        );
+        report["edges"] = edge_rows_json(&edges);
         let s = t0.elapsed().as_secs_f64();
         report["eval_s"] = serde_json::json!(s);
         eprintln!("contact sheet: {}", out.join("sheet.png").display());

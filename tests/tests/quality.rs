@@ -166,9 +166,9 @@ async fn trained_adapter_puts_shapes_where_the_edge_map_says() -> Result<()> {
         f1[1],
         lines.join("\n")
     );
-    // `pixart-train edges` on 50 such prompts measured F1 0.41 and position 96 % guided against F1 0.02
-    // and position 12 % unguided (BENCHMARKS.md, "seventh run"); these 24 through the farm gave F1 0.418
-    // and position 95.8 % guided, F1 0.038 and 20.8 % unguided. The bounds leave room for another CPU's
+    // `pixart-train edges` on 50 such prompts measured F1 0.47 and position 98 % guided against F1 0.02
+    // and position 12 % unguided (BENCHMARKS.md, "seventh run"); these 24 through the farm gave F1 0.430
+    // and position 100 % guided, F1 0.038 and 20.8 % unguided. The bounds leave room for another CPU's
     // rounding.
     assert!(f1[0] >= 0.25, "guided edge F1\n{report}");
     assert!(f1[0] >= 3.0 * f1[1], "guided against unguided F1\n{report}");

@@ -21,7 +21,7 @@
 //! Captions: by default half of them name only the colours and the shape
 //! ([`AdapterConfig::layout_free`]). Trained on the full captions alone, the adapter learnt nothing the
 //! caption did not already say; without the size and position words it has to take them from the edge map
-//! (edge F1 with layout-free prompts 0.02 → 0.41, BENCHMARKS.md, seventh run).
+//! (edge F1 with layout-free prompts 0.02 → 0.47, BENCHMARKS.md, seventh run).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};

@@ -222,7 +222,7 @@ struct ControlnetArgs {
     vae: PathBuf,
     #[arg(long)]
     text: PathBuf,
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 3000)]
     steps: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -288,9 +288,9 @@ struct AllArgs {
     /// The LCD stage's guidance w (LCM form; CFG w + 1). The paper's is 4.5.
     #[arg(long, default_value_t = 1.0)]
     lcd_guidance: f64,
-    /// 1,500 rather than 600 with layout-free captions: edge F1 with layout-free prompts 0.34 → 0.41
-    /// (BENCHMARKS.md, "seventh run").
-    #[arg(long, default_value_t = 1500)]
+    /// 3,000 rather than 600 with layout-free captions: edge F1 with layout-free prompts 0.34 (600) →
+    /// 0.41 (1,500) → 0.47 (BENCHMARKS.md, "seventh run").
+    #[arg(long, default_value_t = 3000)]
     controlnet_steps: u64,
     /// Prompts scored at the end (0: no evaluation).
     #[arg(long, default_value_t = 200)]

@@ -143,7 +143,14 @@ async fn trained_adapter_puts_shapes_where_the_edge_map_says() -> Result<()> {
     let mut f1 = [0.0f64; 2];
     let mut lines = Vec::new();
     for (r, img) in render(items, "guided").await? {
-        let (s, which) = (&samples[r.index as usize / 2], r.index as usize % 2);
+        let (i, which) = (r.index as usize / 2, r.index as usize % 2);
+        let s = &samples[i];
+        assert_eq!(
+            r.prompt,
+            s.layout_free_caption(i),
+            "result {} names its prompt",
+            r.index
+        );
         let read = pixart_train::analyse::analyse(&img).map(|a| a.attributes);
         accuracy[which].add(&s.scene.attributes, read.as_ref());
         let score = pixart_train::eval::edge_alignment(&img, s)?.f1;

@@ -17,7 +17,6 @@ use pixart::vae::Vae;
 
 use crate::Result;
 use crate::analyse::{Analysis, analyse};
-use crate::attributes::Attributes;
 use crate::dataset::{DatasetConfig, Sample, Split};
 use crate::edges::EdgeMap;
 use crate::metrics::{EdgeScore, PromptAccuracy, edge_f1};
@@ -264,8 +263,8 @@ pub fn evaluate_edges(
             &mut |_| Control::Continue,
         )?;
         for (s, image) in chunk.iter().zip(sample::decode(vae, &latents)?) {
-            let read = analyse(&image).map(|a| a.attributes);
-            accuracy.add(&s.scene.attributes, read.as_ref());
+            let read = analyse(&image);
+            accuracy.add(&s.scene.attributes, read.as_ref().map(|a| &a.attributes));
             f1 += edge_alignment(&image, s)?.f1;
             images.push(image);
         }
@@ -294,8 +293,9 @@ pub fn edge_alignment(image: &RgbImage, sample: &Sample) -> Result<EdgeScore> {
     ))
 }
 
-/// A VAE reconstruction and what the analyser read in it (`None`: nothing).
-pub type Reconstruction = (RgbImage, Option<Attributes>);
+/// A VAE reconstruction and what the analyser read in it (`None`: nothing); the whole reading, so that
+/// a colour confusion table can tell a foreground drawn in the background's colour.
+pub type Reconstruction = (RgbImage, Option<Analysis>);
 
 /// The analyser's accuracy on the VAE's reconstructions (encode → mean → decode) of `samples`' own
 /// pictures: the ceiling any diffusion model decoded by this VAE can reach. Also returns each
@@ -314,8 +314,8 @@ pub fn vae_round_trip(
             .collect::<Result<Vec<_>>>()?;
         let z = vae.encode_mean(&Tensor::stack(&images, 0)?)?;
         for (s, image) in chunk.iter().zip(sample::decode(vae, &z)?) {
-            let read = analyse(&image).map(|a| a.attributes);
-            accuracy.add(&s.scene.attributes, read.as_ref());
+            let read = analyse(&image);
+            accuracy.add(&s.scene.attributes, read.as_ref().map(|a| &a.attributes));
             out.push((image, read));
         }
     }

@@ -1139,30 +1139,38 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
             (Split::Train, "unseen prompts", &unseen),
             (Split::HeldOut, "held-out combinations", &held_out),
         ] {
-            let mut runs: Vec<(&pixart::transformer::PixArtTransformer, Sampler)> = vec![(
-                &teacher_model,
-                Sampler::Ddim {
-                    steps: 25,
-                    cfg: 4.5,
-                },
-            )];
+            // The teacher twice: with its own 25-step DDIM and guidance (the paper's reference), and
+            // through the student's 4-step LCM sampler without any distillation — what LCD has to beat.
+            let student4 = Sampler::Lcm { steps: 4 };
+            let mut runs: Vec<(&str, &pixart::transformer::PixArtTransformer, Sampler)> = vec![
+                (
+                    "teacher",
+                    &teacher_model,
+                    Sampler::Ddim {
+                        steps: 25,
+                        cfg: 4.5,
+                    },
+                ),
+                ("teacher", &teacher_model, student4),
+            ];
             for steps in [1, 2, 4, 8] {
-                runs.push((&transformer, Sampler::Lcm { steps }));
+                runs.push(("student", &transformer, Sampler::Lcm { steps }));
             }
-            for (m, sampler) in runs {
-                if split == Split::HeldOut && sampler != (Sampler::Lcm { steps: 4 }) {
+            for (model_name, m, sampler) in runs {
+                let is_student4 = model_name == "student" && sampler == student4;
+                if split == Split::HeldOut && !is_student4 {
                     continue;
                 }
                 let r =
                     eval::evaluate(m, &vae_model, &mut text_model, samples, sampler, 9_000, 16)?;
                 println!(
-                    "{name} · {} · {} · {} evaluations/image · {:.3} s/image",
+                    "{name} · {model_name} · {} · {} · {} evaluations/image · {:.3} s/image",
                     r.sampler,
                     r.accuracy,
                     r.sampler.evaluations(),
                     r.seconds_per_image
                 );
-                if sampler == (Sampler::Lcm { steps: 4 }) && split == Split::Train {
+                if is_student4 && split == Split::Train {
                     let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
                     pixart_train::sheet::write(
                         &out.join("sheet.png"),
@@ -1174,7 +1182,7 @@ fn run_all(a: AllArgs) -> anyhow::Result<()> {
                 }
                 let acc = &r.accuracy;
                 rows.push(serde_json::json!({
-                    "prompts": name, "sampler": r.sampler.to_string(), "evaluations": r.sampler.evaluations(),
+                    "prompts": name, "model": model_name, "sampler": r.sampler.to_string(), "evaluations": r.sampler.evaluations(),
                     "seconds_per_image": r.seconds_per_image, "n": acc.total,
                     "colour": acc.colour_rate(), "shape": acc.shape_rate(), "size": acc.size_rate(),
                     "position": acc.position_rate(), "all": acc.all_rate(),

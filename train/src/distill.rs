@@ -224,6 +224,7 @@ pub fn train(
     mut on_step: impl FnMut(&StepRecord) -> ControlFlow<()>,
 ) -> Result<DistillRun> {
     stage::check_batch(config.batch_size, config.dataset_size)?;
+    config.optimizer.validate()?;
     stage::preflight(&opts.out, opts.save_every, opts.resume)?;
     let ckpt = checkpoint::dir(&opts.out);
     let prep = Prepared::load(

@@ -250,6 +250,22 @@ fn lcd_trains_the_student_and_the_ema_target_follows() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("stage"), "{err}");
+
+    // A learning rate that is not positive is refused by name before anything is written.
+    let mut bad = config.clone();
+    bad.optimizer.lr = -1.0;
+    let mut elsewhere = opts.clone();
+    elsewhere.out = tmp.path().join("lcd-bad");
+    let err = distill::train(
+        &bad,
+        &elsewhere,
+        &Device::Cpu,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("optimizer.lr"), "{err}");
+    assert!(!elsewhere.out.exists());
 }
 
 #[test]

@@ -252,6 +252,7 @@ pub fn train(
     mut on_step: impl FnMut(&StepRecord) -> ControlFlow<()>,
 ) -> Result<AdapterRun> {
     stage::check_batch(config.batch_size, config.dataset_size)?;
+    config.optimizer.validate()?;
     if !(0.0..=1.0).contains(&config.layout_free) {
         return Err(Error::InvalidInput {
             field: "layout_free",

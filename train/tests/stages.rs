@@ -393,10 +393,20 @@ fn the_adapter_starts_as_the_base_and_learns() {
         &bad_share,
         adapter::RunOptions {
             out: tmp.path().join("cn3"),
-            ..cn2
+            ..cn2.clone()
         },
     );
     assert!(err.contains("layout_free") && err.contains("1.5"), "{err}");
+    let mut bad_lr = config.clone();
+    bad_lr.optimizer.lr = 0.0;
+    let err = refused(
+        &bad_lr,
+        adapter::RunOptions {
+            out: tmp.path().join("cn4"),
+            ..cn2
+        },
+    );
+    assert!(err.contains("optimizer.lr"), "{err}");
 }
 
 #[test]

@@ -106,6 +106,20 @@ pub struct AdapterConfig {
     pub optimizer: AdamWParams,
 }
 
+impl AdapterConfig {
+    /// Checked before anything is read or written, like the teacher's and the VAE's configs.
+    pub fn validate(&self) -> Result<()> {
+        stage::check_batch(self.batch_size, self.dataset_size)?;
+        if !(0.0..=1.0).contains(&self.layout_free) {
+            return Err(Error::InvalidInput {
+                field: "layout_free",
+                message: format!("{}: must be a share in 0..=1", self.layout_free),
+            });
+        }
+        self.optimizer.validate()
+    }
+}
+
 impl Default for AdapterConfig {
     fn default() -> Self {
         Self {
@@ -251,14 +265,7 @@ pub fn train(
     device: &Device,
     mut on_step: impl FnMut(&StepRecord) -> ControlFlow<()>,
 ) -> Result<AdapterRun> {
-    stage::check_batch(config.batch_size, config.dataset_size)?;
-    config.optimizer.validate()?;
-    if !(0.0..=1.0).contains(&config.layout_free) {
-        return Err(Error::InvalidInput {
-            field: "layout_free",
-            message: format!("{}: must be a share in 0..=1", config.layout_free),
-        });
-    }
+    config.validate()?;
     stage::preflight(&opts.out, opts.save_every, opts.resume)?;
     let ckpt = checkpoint::dir(&opts.out);
     let prep = Prepared::load(

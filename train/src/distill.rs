@@ -50,6 +50,14 @@ pub struct DistillConfig {
     pub optimizer: AdamWParams,
 }
 
+impl DistillConfig {
+    /// Checked before anything is read or written, like the teacher's and the VAE's configs.
+    pub fn validate(&self) -> Result<()> {
+        stage::check_batch(self.batch_size, self.dataset_size)?;
+        self.optimizer.validate()
+    }
+}
+
 impl Default for DistillConfig {
     fn default() -> Self {
         Self {
@@ -223,8 +231,7 @@ pub fn train(
     device: &Device,
     mut on_step: impl FnMut(&StepRecord) -> ControlFlow<()>,
 ) -> Result<DistillRun> {
-    stage::check_batch(config.batch_size, config.dataset_size)?;
-    config.optimizer.validate()?;
+    config.validate()?;
     stage::preflight(&opts.out, opts.save_every, opts.resume)?;
     let ckpt = checkpoint::dir(&opts.out);
     let prep = Prepared::load(

@@ -288,8 +288,9 @@ struct AllArgs {
     /// The LCD stage's guidance w (LCM form; CFG w + 1). The paper's is 4.5.
     #[arg(long, default_value_t = 1.0)]
     lcd_guidance: f64,
-    /// The LCD stage's AdamW learning rate. At 4 steps a gentler rate keeps more of what the teacher already
-    /// draws (all correct 62.4 % at 1e-4, 70.7 % at 1e-5; BENCHMARKS.md, "eighth run").
+    /// The LCD stage's AdamW learning rate (the `lcd` command's default, 1e-5). At 4 steps a gentler rate
+    /// keeps more of what the teacher already draws (all correct 62.4 % at 1e-4, 70.7 % at 1e-5;
+    /// BENCHMARKS.md, "eighth run").
     #[arg(long, default_value_t = DistillConfig::default().optimizer.lr)]
     lcd_lr: f64,
     /// 3,000 rather than 600 with layout-free captions: edge F1 with layout-free prompts 0.34 (600) →

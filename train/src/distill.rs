@@ -439,11 +439,14 @@ pub fn train(
 mod tests {
     use super::*;
 
+    /// Spoils one setting of a valid config.
+    type Spoil = fn(&mut DistillConfig);
+
     /// Each setting out of range is refused by its own name; the defaults pass.
     #[test]
     fn settings_out_of_range_are_refused_by_name() {
         DistillConfig::default().validate().unwrap();
-        let cases: [(&str, fn(&mut DistillConfig)); 7] = [
+        let cases: [(&str, Spoil); 7] = [
             ("guidance", |c| c.guidance = -1.0),
             ("guidance", |c| c.guidance = f64::NAN),
             ("ema_rate", |c| c.ema_rate = 1.0),

@@ -57,8 +57,9 @@ impl DistillConfig {
         let bad =
             |field: &'static str, message: String| Err(Error::InvalidInput { field, message });
         // A negative w flips the guided direction; an EMA rate of 1 freezes the target (the loss
-        // then measures the student against the teacher forever), above 1 it diverges; a Huber c
-        // that is not positive makes the loss's square root of a negative number: NaN at step 0.
+        // then measures the student against the teacher forever), above 1 it diverges; a Huber c of
+        // 0 is the plain L1 distance, whose gradient is 0/0 where the two outputs agree, and a
+        // negative one is a sign mistake (the loss of |c| shifted by a constant).
         if !self.guidance.is_finite() || self.guidance < 0.0 {
             return bad(
                 "guidance",

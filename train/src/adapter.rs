@@ -110,6 +110,7 @@ impl AdapterConfig {
     /// Checked before anything is read or written, like the teacher's and the VAE's configs.
     pub fn validate(&self) -> Result<()> {
         stage::check_batch(self.batch_size, self.dataset_size)?;
+        stage::check_grad_clip(self.grad_clip)?;
         if !(0.0..=1.0).contains(&self.layout_free) {
             return Err(Error::InvalidInput {
                 field: "layout_free",

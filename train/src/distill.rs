@@ -54,27 +54,23 @@ impl DistillConfig {
     /// Checked before anything is read or written, like the teacher's and the VAE's configs.
     pub fn validate(&self) -> Result<()> {
         stage::check_batch(self.batch_size, self.dataset_size)?;
-        let bad =
-            |field: &'static str, message: String| Err(Error::InvalidInput { field, message });
         // A negative w flips the guided direction; an EMA rate of 1 freezes the target (the loss
         // then measures the student against the teacher forever), above 1 it diverges; a Huber c of
         // 0 is the plain L1 distance, whose gradient is 0/0 where the two outputs agree, and a
         // negative one is a sign mistake (the loss of |c| shifted by a constant).
         if !self.guidance.is_finite() || self.guidance < 0.0 {
-            return bad(
+            return Error::invalid(
                 "guidance",
                 format!("{} must be finite and ≥ 0", self.guidance),
             );
         }
         if !(0.0..1.0).contains(&self.ema_rate) {
-            return bad("ema_rate", format!("{} must be within 0..1", self.ema_rate));
+            return Error::invalid("ema_rate", format!("{} must be within 0..1", self.ema_rate));
         }
         if !self.huber_c.is_finite() || self.huber_c <= 0.0 {
-            return bad("huber_c", format!("{} must be positive", self.huber_c));
+            return Error::invalid("huber_c", format!("{} must be positive", self.huber_c));
         }
-        if !self.grad_clip.is_finite() || self.grad_clip <= 0.0 {
-            return bad("grad_clip", format!("{} must be positive", self.grad_clip));
-        }
+        stage::check_grad_clip(self.grad_clip)?;
         self.optimizer.validate()
     }
 }
@@ -214,27 +210,34 @@ pub fn lcd_loss(
 
     // Guided teacher and one DDIM solver step (no gradients: everything is detached).
     let x_t_d = x_t.detach();
-    let b = x0.dim(0)?;
-    let l = cond.0.dim(1)?.max(uncond.0.dim(1)?);
-    let pad = |y: &Tensor, m: &Tensor| -> Result<(Tensor, Tensor)> {
-        let n = y.dim(1)?;
-        Ok((
-            y.pad_with_zeros(1, 0, l - n)?,
-            m.pad_with_zeros(1, 0, l - n)?,
-        ))
+    // At w = 0 the guided teacher is the conditional one (x0_c + 0·(x0_c − x0_u)): its unconditional
+    // half would be computed and multiplied by zero, a sixth of the step's work.
+    let (ec, eu) = if config.guidance == 0.0 {
+        let ec = eps(nets.teacher, &x_t_d, &start, cond.0, cond.1)?.detach();
+        (ec.clone(), ec)
+    } else {
+        let b = x0.dim(0)?;
+        let l = cond.0.dim(1)?.max(uncond.0.dim(1)?);
+        let pad = |y: &Tensor, m: &Tensor| -> Result<(Tensor, Tensor)> {
+            let n = y.dim(1)?;
+            Ok((
+                y.pad_with_zeros(1, 0, l - n)?,
+                m.pad_with_zeros(1, 0, l - n)?,
+            ))
+        };
+        let (yc, mc) = pad(cond.0, cond.1)?;
+        let (yu, mu) = pad(uncond.0, uncond.1)?;
+        let both_t: Vec<usize> = start.iter().chain(&start).copied().collect();
+        let e2 = eps(
+            nets.teacher,
+            &Tensor::cat(&[&x_t_d, &x_t_d], 0)?,
+            &both_t,
+            &Tensor::cat(&[&yc, &yu], 0)?,
+            &Tensor::cat(&[&mc, &mu], 0)?,
+        )?
+        .detach();
+        (e2.narrow(0, 0, b)?, e2.narrow(0, b, b)?)
     };
-    let (yc, mc) = pad(cond.0, cond.1)?;
-    let (yu, mu) = pad(uncond.0, uncond.1)?;
-    let both_t: Vec<usize> = start.iter().chain(&start).copied().collect();
-    let e2 = eps(
-        nets.teacher,
-        &Tensor::cat(&[&x_t_d, &x_t_d], 0)?,
-        &both_t,
-        &Tensor::cat(&[&yc, &yu], 0)?,
-        &Tensor::cat(&[&mc, &mu], 0)?,
-    )?
-    .detach();
-    let (ec, eu) = (e2.narrow(0, 0, b)?, e2.narrow(0, b, b)?);
     let x0c = lcd::predict_x0(&x_t_d, &ec, &ac_start)?;
     let x0u = lcd::predict_x0(&x_t_d, &eu, &ac_start)?;
     let pred_x0 = lcd::lcm_guidance(&x0c, &x0u, config.guidance)?;
@@ -462,5 +465,62 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
+    }
+
+    /// At w = 0 the loss is taken from the conditional teacher alone; it must equal the guided
+    /// path's loss as w → 0 (which runs the unconditional half and weights it by w).
+    #[test]
+    fn unguided_targets_agree_with_a_vanishing_guidance() {
+        let dev = Device::Cpu;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/tiny-pixart-lcm/transformer");
+        let model = PixArtTransformer::load(&dir, DType::F32, &dev).unwrap();
+        let nets = Networks {
+            student: &model,
+            target: &model,
+            teacher: &model,
+        };
+        let config = DistillConfig {
+            batch_size: 3,
+            dataset_size: 4,
+            ..Default::default()
+        };
+        let batch = draw_batch(&config, 7, &[4, 8, 8], &dev).unwrap();
+        let x0 = Tensor::randn(0f32, 1.0, (3, 4, 8, 8), &dev).unwrap();
+        let y = Tensor::randn(0f32, 1.0, (3, 5, 32), &dev).unwrap();
+        let m = Tensor::ones((3, 5), DType::F32, &dev).unwrap();
+        let yu = Tensor::randn(0f32, 1.0, (3, 1, 32), &dev).unwrap();
+        let mu = Tensor::ones((3, 1), DType::F32, &dev).unwrap();
+        let solver = DdimSolver::new(&NoiseSchedule::pixart(), config.num_ddim_timesteps).unwrap();
+        let ac = NoiseSchedule::pixart().alphas_cumprod;
+        let loss = |guidance: f64| {
+            let config = DistillConfig {
+                guidance,
+                ..config.clone()
+            };
+            lcd_loss(
+                &nets,
+                &config,
+                &solver,
+                &ac,
+                &x0,
+                (&y, &m),
+                (&yu, &mu),
+                &batch,
+            )
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+        };
+        let (unguided, vanishing, guided) = (loss(0.0), loss(1e-9), loss(1.0));
+        assert!(
+            (unguided - vanishing).abs() <= 1e-6 * unguided.abs().max(1e-12),
+            "w = 0: {unguided}, w = 1e-9: {vanishing}"
+        );
+        // The unconditional features differ, so guidance must change the loss (the test can fail).
+        assert!(
+            (guided - unguided).abs() > 1e-6 * unguided.abs(),
+            "{guided} vs {unguided}"
+        );
     }
 }

@@ -60,3 +60,13 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A refused setting as an early return of a config's `validate`: `return Error::invalid(..)`.
+    pub fn invalid<T>(field: &'static str, message: impl Into<String>) -> Result<T> {
+        Err(Error::InvalidInput {
+            field,
+            message: message.into(),
+        })
+    }
+}

@@ -115,17 +115,17 @@ impl LrSchedule {
             floor,
         } = *self
         {
-            let bad = |message: String| {
-                Err(Error::InvalidInput {
-                    field: "optimizer.schedule",
-                    message,
-                })
-            };
             if !(0.0..=1.0).contains(&floor) {
-                return bad(format!("floor {floor} must be within 0..=1"));
+                return Error::invalid(
+                    "optimizer.schedule",
+                    format!("floor {floor} must be within 0..=1"),
+                );
             }
             if warmup > steps {
-                return bad(format!("warmup {warmup} is longer than the {steps} steps"));
+                return Error::invalid(
+                    "optimizer.schedule",
+                    format!("warmup {warmup} is longer than the {steps} steps"),
+                );
             }
         }
         Ok(())

@@ -119,6 +119,19 @@ pub fn check_batch(batch_size: usize, dataset_size: u64) -> Result<()> {
     Ok(())
 }
 
+/// `grad_clip`, the largest global gradient norm a step may apply, must be positive and finite: 0
+/// would scale every gradient to zero (a run that trains nothing while its loss is logged), a negative
+/// one would turn the step uphill, and infinity is no clip at all — say so by a large number instead.
+pub fn check_grad_clip(grad_clip: f64) -> Result<()> {
+    if !grad_clip.is_finite() || grad_clip <= 0.0 {
+        return Err(Error::InvalidInput {
+            field: "grad_clip",
+            message: format!("{grad_clip} must be positive and finite"),
+        });
+    }
+    Ok(())
+}
+
 /// Restores `varmap` and `optimizer` from the checkpoint in `ckpt` when `resume` is set and there is one
 /// (of `stage`, saved with `config`); returns the step to continue from (0 for a fresh run) and the
 /// loaded checkpoint, for stages that keep more than the parameters.

@@ -77,19 +77,18 @@ impl Default for TeacherConfig {
 
 impl TeacherConfig {
     pub fn validate(&self) -> Result<()> {
-        let bad =
-            |field: &'static str, message: String| Err(Error::InvalidInput { field, message });
         crate::stage::check_batch(self.batch_size, self.dataset_size)?;
+        crate::stage::check_grad_clip(self.grad_clip)?;
         if !(0.0..1.0).contains(&self.caption_dropout) {
-            return bad(
+            return Error::invalid(
                 "caption_dropout",
                 format!("{} must be in [0, 1)", self.caption_dropout),
             );
         }
         if self.num_attention_heads == 0 || self.attention_head_dim == 0 || self.num_layers == 0 {
-            return bad(
+            return Error::invalid(
                 "num_layers",
-                "heads, head width and layers must be positive".into(),
+                "heads, head width and layers must be positive",
             );
         }
         self.optimizer.validate()

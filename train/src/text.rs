@@ -63,26 +63,20 @@ impl Default for TextConfig {
 
 impl TextConfig {
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &'static str, message: &str| {
-            Err(Error::InvalidInput {
-                field,
-                message: message.into(),
-            })
-        };
         if self.d_model == 0 || self.d_kv == 0 || self.d_ff == 0 || self.num_layers == 0 {
-            return bad(
+            return Error::invalid(
                 "d_model",
                 "d_model, d_kv, d_ff and num_layers must be positive",
             );
         }
         if self.num_heads < 4 {
-            return bad(
+            return Error::invalid(
                 "num_heads",
                 "at least 4: one head each for the previous word, the next word, and the left and right windows",
             );
         }
         if !self.locality.is_finite() {
-            return bad("locality", "must be finite");
+            return Error::invalid("locality", "must be finite");
         }
         Ok(())
     }

@@ -108,10 +108,8 @@ impl Default for VaeTrainConfig {
 
 impl VaeTrainConfig {
     pub fn validate(&self) -> Result<()> {
-        let bad =
-            |field: &'static str, message: String| Err(Error::InvalidInput { field, message });
         if self.block_out_channels.is_empty() {
-            return bad("block_out_channels", "is empty".into());
+            return Error::invalid("block_out_channels", "is empty");
         }
         if self.norm_num_groups == 0
             || self
@@ -119,7 +117,7 @@ impl VaeTrainConfig {
                 .iter()
                 .any(|c| *c == 0 || c % self.norm_num_groups != 0)
         {
-            return bad(
+            return Error::invalid(
                 "norm_num_groups",
                 format!(
                     "{} must divide every entry of block_out_channels {:?}",
@@ -129,7 +127,7 @@ impl VaeTrainConfig {
         }
         let factor = self.scale_factor() as u32;
         if !self.image_size.is_multiple_of(factor) {
-            return bad(
+            return Error::invalid(
                 "image_size",
                 format!(
                     "{} is not a multiple of the VAE's ×{factor} downsampling",
@@ -140,7 +138,7 @@ impl VaeTrainConfig {
         if let Some(crop) = self.crop_size
             && (crop == 0 || crop > self.image_size || !crop.is_multiple_of(factor))
         {
-            return bad(
+            return Error::invalid(
                 "crop_size",
                 format!(
                     "{crop} must be a positive multiple of the VAE's ×{factor} downsampling, at most image_size {}",
@@ -149,22 +147,22 @@ impl VaeTrainConfig {
             );
         }
         if !self.foreground_weight.is_finite() || self.foreground_weight < 0.0 {
-            return bad(
+            return Error::invalid(
                 "foreground_weight",
                 format!("{} must be zero or positive", self.foreground_weight),
             );
         }
         if self.crop_on_shape && self.crop_size.is_none() {
-            return bad("crop_on_shape", "needs crop_size".into());
+            return Error::invalid("crop_on_shape", "needs crop_size");
         }
         if self.batch_size == 0 || self.latent_channels == 0 || self.layers_per_block == 0 {
-            return bad(
+            return Error::invalid(
                 "batch_size",
-                "batch_size, latent_channels and layers_per_block must be positive".into(),
+                "batch_size, latent_channels and layers_per_block must be positive",
             );
         }
         if (self.dataset_size as usize) < self.batch_size {
-            return bad(
+            return Error::invalid(
                 "dataset_size",
                 format!(
                     "{} is below batch_size {}",
@@ -172,6 +170,7 @@ impl VaeTrainConfig {
                 ),
             );
         }
+        crate::stage::check_grad_clip(self.grad_clip)?;
         self.optimizer.validate()
     }
 

@@ -10,7 +10,7 @@
 //!   pipeline, with and without an edge map;
 //! * an exported dataset (`--dataset`) trains the teacher bit for bit as the procedural one does;
 //! * bad inputs: a missing VAE directory, another stage's checkpoint, a missing, short or corrupt dataset
-//!   directory — errors naming the path or field.
+//!   directory, a gradient clip that is not positive — errors naming the path or field.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -613,4 +613,56 @@ fn the_whole_chain_runs_and_its_model_renders_in_the_farm_pipeline() {
         .unwrap();
     assert_eq!(images.len(), 2);
     assert_eq!(images[0].image.dimensions(), (64, 64));
+}
+
+/// Every training stage refuses, by name and before touching a file, a gradient clip that would zero
+/// every step (0), turn it uphill (< 0) or not clip at all (∞, NaN).
+#[test]
+fn every_stage_refuses_a_grad_clip_that_is_not_positive() {
+    use pixart_train::vae::VaeTrainConfig;
+    for grad_clip in [0.0, -1.0, f64::INFINITY, f64::NAN] {
+        let results = [
+            (
+                "vae",
+                VaeTrainConfig {
+                    grad_clip,
+                    ..Default::default()
+                }
+                .validate(),
+            ),
+            (
+                "teacher",
+                TeacherConfig {
+                    grad_clip,
+                    ..Default::default()
+                }
+                .validate(),
+            ),
+            (
+                "lcd",
+                DistillConfig {
+                    grad_clip,
+                    ..Default::default()
+                }
+                .validate(),
+            ),
+            (
+                "controlnet",
+                AdapterConfig {
+                    grad_clip,
+                    ..Default::default()
+                }
+                .validate(),
+            ),
+        ];
+        for (stage, result) in results {
+            let err = result.expect_err(stage).to_string();
+            assert!(err.contains("grad_clip"), "{stage}, {grad_clip}: {err}");
+        }
+    }
+    // The defaults pass, so the refusals above are the clip's.
+    VaeTrainConfig::default().validate().unwrap();
+    TeacherConfig::default().validate().unwrap();
+    DistillConfig::default().validate().unwrap();
+    AdapterConfig::default().validate().unwrap();
 }

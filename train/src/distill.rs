@@ -211,7 +211,8 @@ pub fn lcd_loss(
     // Guided teacher and one DDIM solver step (no gradients: everything is detached).
     let x_t_d = x_t.detach();
     // At w = 0 the guided teacher is the conditional one (x0_c + 0·(x0_c − x0_u)): its unconditional
-    // half would be computed and multiplied by zero, a sixth of the step's work.
+    // half would be computed only to be multiplied by zero (skipping it took the chain's LCD stage
+    // from 345 to 317 s, BENCHMARKS.md "tenth run").
     let (ec, eu) = if config.guidance == 0.0 {
         let ec = eps(nets.teacher, &x_t_d, &start, cond.0, cond.1)?.detach();
         (ec.clone(), ec)

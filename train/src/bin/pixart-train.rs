@@ -193,7 +193,7 @@ struct LcdArgs {
     #[arg(long, default_value_t = DistillConfig::default().dataset_size)]
     dataset_size: u64,
     /// Guidance scale w of the guided teacher in the LCM form x0_c + w·(x0_c − x0_u) (CFG w + 1); the
-    /// paper's 4.5.
+    /// paper's 4.5. `all` distils at 0 (its --lcd-guidance): pass --guidance 0 here to get its student.
     #[arg(long, default_value_t = DistillConfig::default().guidance)]
     guidance: f64,
     /// EMA rate of the target network (the paper's 0.95; lower propagates targets faster).

@@ -71,6 +71,9 @@ impl DistillConfig {
             return Error::invalid("huber_c", format!("{} must be positive", self.huber_c));
         }
         stage::check_grad_clip(self.grad_clip)?;
+        // The solver's own check (1..=1000), here so that a bad value stops before the minute of
+        // preparation rather than after it.
+        DdimSolver::new(&NoiseSchedule::pixart(), self.num_ddim_timesteps)?;
         self.optimizer.validate()
     }
 }
@@ -451,7 +454,9 @@ mod tests {
     #[test]
     fn settings_out_of_range_are_refused_by_name() {
         DistillConfig::default().validate().unwrap();
-        let cases: [(&str, Spoil); 7] = [
+        let cases: [(&str, Spoil); 9] = [
+            ("num_ddim_timesteps", |c| c.num_ddim_timesteps = 0),
+            ("num_ddim_timesteps", |c| c.num_ddim_timesteps = 1001),
             ("guidance", |c| c.guidance = -1.0),
             ("guidance", |c| c.guidance = f64::NAN),
             ("ema_rate", |c| c.ema_rate = 1.0),

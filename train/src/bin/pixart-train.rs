@@ -196,6 +196,10 @@ struct LcdArgs {
     /// paper's 4.5. `all` distils at 0 (its --lcd-guidance): pass --guidance 0 here to get its student.
     #[arg(long, default_value_t = DistillConfig::default().guidance)]
     guidance: f64,
+    /// DDIM solver timesteps over the 1,000 training ones: the skip k is 1,000 / this (the paper's 50, k = 20;
+    /// a finer solver makes each consistency target a shorter jump along the teacher's ODE).
+    #[arg(long, default_value_t = DistillConfig::default().num_ddim_timesteps)]
+    num_ddim_timesteps: usize,
     /// EMA rate of the target network (the paper's 0.95; lower propagates targets faster).
     #[arg(long, default_value_t = DistillConfig::default().ema_rate)]
     ema_rate: f64,
@@ -653,6 +657,7 @@ fn run_lcd(a: LcdArgs) -> anyhow::Result<()> {
         ema_rate: a.ema_rate,
         grad_clip: a.grad_clip,
         guidance: a.guidance,
+        num_ddim_timesteps: a.num_ddim_timesteps,
         ..Default::default()
     };
     config.optimizer.lr = a.lr;

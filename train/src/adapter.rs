@@ -112,10 +112,10 @@ impl AdapterConfig {
         stage::check_batch(self.batch_size, self.dataset_size)?;
         stage::check_grad_clip(self.grad_clip)?;
         if !(0.0..=1.0).contains(&self.layout_free) {
-            return Err(Error::InvalidInput {
-                field: "layout_free",
-                message: format!("{}: must be a share in 0..=1", self.layout_free),
-            });
+            return Error::invalid(
+                "layout_free",
+                format!("{}: must be a share in 0..=1", self.layout_free),
+            );
         }
         self.optimizer.validate()
     }

@@ -109,12 +109,10 @@ pub fn drive<T: Trainer>(
 /// `batch_size` must be positive and fit in the pool of `dataset_size` samples.
 pub fn check_batch(batch_size: usize, dataset_size: u64) -> Result<()> {
     if batch_size == 0 || (dataset_size as usize) < batch_size {
-        return Err(Error::InvalidInput {
-            field: "batch_size",
-            message: format!(
-                "{batch_size} must be positive and at most dataset_size {dataset_size}"
-            ),
-        });
+        return Error::invalid(
+            "batch_size",
+            format!("{batch_size} must be positive and at most dataset_size {dataset_size}"),
+        );
     }
     Ok(())
 }
@@ -124,10 +122,10 @@ pub fn check_batch(batch_size: usize, dataset_size: u64) -> Result<()> {
 /// one would turn the step uphill, and infinity is no clip at all — say so by a large number instead.
 pub fn check_grad_clip(grad_clip: f64) -> Result<()> {
     if !grad_clip.is_finite() || grad_clip <= 0.0 {
-        return Err(Error::InvalidInput {
-            field: "grad_clip",
-            message: format!("{grad_clip} must be positive and finite"),
-        });
+        return Error::invalid(
+            "grad_clip",
+            format!("{grad_clip} must be positive and finite"),
+        );
     }
     Ok(())
 }

@@ -615,6 +615,37 @@ fn the_whole_chain_runs_and_its_model_renders_in_the_farm_pipeline() {
     assert_eq!(images[0].image.dimensions(), (64, 64));
 }
 
+/// `all` checks its LCD options before the hour of VAE and teacher training that precedes that stage,
+/// not when it reaches it.
+#[test]
+fn the_chain_refuses_bad_lcd_options_before_it_trains_anything() {
+    for (flag, field) in [
+        ("--lcd-ddim-timesteps=0", "num_ddim_timesteps"),
+        ("--lcd-guidance=-1", "guidance"),
+        ("--lcd-lr=0", "lr"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("all");
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_pixart-train"))
+            .args(["all", flag, "--out"])
+            .arg(&out)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(run.stderr).unwrap();
+        assert!(!run.status.success(), "{flag} accepted: {stderr}");
+        assert!(
+            stderr.contains(field) && stderr.contains("--lcd-"),
+            "{flag}: {stderr}"
+        );
+        let written: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+        assert!(
+            written.is_empty(),
+            "{flag}: {written:?} written before the check"
+        );
+    }
+}
+
 /// Every training stage refuses, by name and before touching a file, a gradient clip that would zero
 /// every step (0), turn it uphill (< 0) or not clip at all (∞, NaN).
 #[test]

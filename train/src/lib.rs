@@ -23,6 +23,7 @@
 //! | [`checkpoint`] | resumable checkpoints (params, moments, JSON state); stage and config checked on resume |
 //! | [`progress`] | the progress bar: loss and steps/s |
 //! | [`conv`] | a `conv2d` whose backward pass is forward convolutions (candle's CPU `conv_transpose2d` is ≈10× slower) |
+//! | [`channel`] | Per-channel bias and scale with a one-pass backward (candle's broadcast reduce was ≈ 11 % of a VAE step) |
 //! | [`norm`] | GroupNorm with a fused CPU backward (candle-nn's composed one dominated the VAE's backward) |
 //! | [`vae`] | stage 1: a small SD-architecture AutoencoderKL, trained and exported as a diffusers `vae/` |
 //! | [`text`] | stage 2: the word-level T5 tokenizer and the frozen, order-aware T5 encoder |
@@ -70,6 +71,7 @@ pub mod adapter;
 pub mod analyse;
 pub mod attributes;
 pub mod caption;
+pub mod channel;
 pub mod checkpoint;
 pub mod confusion;
 pub mod conv;

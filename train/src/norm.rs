@@ -4,7 +4,7 @@
 //! broadcast/reduce gradients, each materialising a full activation: in the VAE stage it was the largest
 //! cost after the convolutions. Here the normalisation `x̂ = (x − μ_g) / σ_g` is one custom op whose
 //! backward is the closed form `dx = (g − mean_g(g) − x̂ · mean_g(g · x̂)) / σ_g`, one pass over the data;
-//! the affine part (`x̂ · γ + β`) stays ordinary differentiable ops. Forward values and gradients agree with
+//! the affine part (`x̂ · γ + β`) is [`crate::channel::affine`]. Forward values and gradients agree with
 //! candle-nn's to float rounding (tested below).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
@@ -130,15 +130,11 @@ impl Module for GroupNorm {
                 x.dims()
             );
         }
-        let c = x.dims()[1];
-        let mut affine = vec![1usize; x.rank()];
-        affine[1] = c;
         let xhat = x.contiguous()?.apply_op1(Normalize {
             groups: self.groups,
             eps: self.eps as f32,
         })?;
-        xhat.broadcast_mul(&self.weight.reshape(affine.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(affine.as_slice())?)
+        crate::channel::affine(&xhat, &self.weight, &self.bias)
     }
 }
 

@@ -206,10 +206,10 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(
-            crate::conv::conv2d(x, &self.weight, self.stride, self.padding)?
-                .broadcast_add(&self.bias)?,
-        )
+        Ok(crate::channel::add_bias(
+            &crate::conv::conv2d(x, &self.weight, self.stride, self.padding)?,
+            &self.bias,
+        )?)
     }
 }
 

@@ -8,6 +8,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
+use crate::conv::slice;
+
 /// `(channels, plane size)` of a contiguous `(B, C, …)` input with a `C`-element per-channel argument.
 fn planes(x: &Layout, per_channel: &Layout, op: &str) -> candle_core::Result<(usize, usize)> {
     let dims = x.dims();
@@ -21,12 +23,13 @@ fn planes(x: &Layout, per_channel: &Layout, op: &str) -> candle_core::Result<(us
     Ok((c, dims[2..].iter().product()))
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: non-contiguous argument {:?}", l.dims()),
+/// `f(channel, value)` over every value of the `(image, channel)` planes of `s` values each.
+fn map_planes(x: &[f32], c: usize, s: usize, f: impl Fn(usize, f32) -> f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for (p, plane) in x.chunks_exact(s).enumerate() {
+        out.extend(plane.iter().map(|v| f(p % c, *v)));
     }
+    out
 }
 
 fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -67,11 +70,7 @@ impl CustomOp2 for Bias {
             slice(s1, l1, "channel bias")?,
             slice(s2, l2, "channel bias")?,
         );
-        let mut out = Vec::with_capacity(x.len());
-        for (p, plane) in x.chunks_exact(s.max(1)).enumerate() {
-            let bias = b[p % c];
-            out.extend(plane.iter().map(|v| v + bias));
-        }
+        let out = map_planes(x, c, s.max(1), |ch, v| v + b[ch]);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -112,11 +111,7 @@ impl CustomOp3 for Affine {
         let (c, s) = planes(l1, l2, op)?;
         planes(l1, l3, op)?;
         let (x, w, b) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
-        let mut out = Vec::with_capacity(x.len());
-        for (p, plane) in x.chunks_exact(s.max(1)).enumerate() {
-            let (scale, bias) = (w[p % c], b[p % c]);
-            out.extend(plane.iter().map(|v| v * scale + bias));
-        }
+        let out = map_planes(x, c, s.max(1), |ch, v| v * w[ch] + b[ch]);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -133,11 +128,7 @@ impl CustomOp3 for Affine {
         let (g, xs, ws) = (values(grad)?, values(x)?, values(w)?);
         let db = channel_sums(&g, c, s, |_, v| v as f64);
         let dw = channel_sums(&g, c, s, |i, v| v as f64 * xs[i] as f64);
-        let mut dx = Vec::with_capacity(g.len());
-        for (p, plane) in g.chunks_exact(s).enumerate() {
-            let scale = ws[p % c];
-            dx.extend(plane.iter().map(|v| v * scale));
-        }
+        let dx = map_planes(&g, c, s, |ch, v| v * ws[ch]);
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),

@@ -152,11 +152,16 @@ fn col2im(cols: &[f32], g: Geom) -> Vec<f32> {
     x
 }
 
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+/// The f32 values of a contiguous custom-op argument; `op` names the op in the error.
+pub(crate) fn slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("conv2d (im2col): non-contiguous input"),
+        None => candle_core::bail!("{op}: non-contiguous argument {:?}", layout.dims()),
     }
 }
 
@@ -175,11 +180,15 @@ impl CustomOp2 for Conv2d {
         let (cout, k) = (l2.dims()[0], l2.dims()[2]);
         let g = Geom::new(l1.dims(), k, self.stride, self.padding)?;
         let cols = Tensor::from_vec(
-            im2col(slice(s1, l1)?, g),
+            im2col(slice(s1, l1, "conv2d (im2col)")?, g),
             (g.b, g.rows(), g.cols()),
             &Device::Cpu,
         )?;
-        let w = Tensor::from_slice(slice(s2, l2)?, (1, cout, g.rows()), &Device::Cpu)?;
+        let w = Tensor::from_slice(
+            slice(s2, l2, "conv2d (im2col)")?,
+            (1, cout, g.rows()),
+            &Device::Cpu,
+        )?;
         let y = w.broadcast_matmul(&cols)?;
         Ok((
             CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),

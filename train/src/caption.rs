@@ -20,6 +20,16 @@ fn size_word(size: Size, variant: usize) -> &'static str {
     }
 }
 
+/// "an" before a vowel ("an orange circle"), "a" otherwise: the article of every template that puts one
+/// before a colour word. Captions are what users copy into prompts, so they should read as English.
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
 /// "top left corner", "centre", …
 fn position_long(p: Position) -> &'static str {
     match p {
@@ -58,14 +68,15 @@ pub fn caption(a: &Attributes, background: Colour, template: usize) -> String {
     let t = template % TEMPLATES;
     // The size synonym alternates with the template so that both words occur with every word order.
     let size = size_word(a.size, t / 3);
+    let (a_c, a_bg) = (article(c), article(bg));
     match t {
         0 => format!(
-            "a {size} {c} {s} in the {} on a {bg} background",
+            "a {size} {c} {s} in the {} on {a_bg} {bg} background",
             position_long(a.position)
         ),
         1 => format!("{c} {s}, {size}, {}, {bg} backdrop", a.position.name()),
         2 => format!(
-            "a {bg} background with a {size} {c} {s} in the {}",
+            "{a_bg} {bg} background with a {size} {c} {s} in the {}",
             position_plain(a.position)
         ),
         3 => format!(
@@ -73,7 +84,7 @@ pub fn caption(a: &Attributes, background: Colour, template: usize) -> String {
             position_plain(a.position)
         ),
         4 => format!(
-            "a {c} {s}, {size}, in the {} of a {bg} backdrop",
+            "{a_c} {c} {s}, {size}, in the {} of {a_bg} {bg} backdrop",
             position_long(a.position)
         ),
         _ => format!(
@@ -102,10 +113,11 @@ pub const LAYOUT_FREE_TEMPLATES: usize = 3;
 /// ```
 pub fn layout_free(colour: Colour, shape: Shape, background: Colour, template: usize) -> String {
     let (c, s, bg) = (colour.name(), shape.name(), background.name());
+    let (a_c, a_bg) = (article(c), article(bg));
     match template % LAYOUT_FREE_TEMPLATES {
-        0 => format!("a {c} {s} on a {bg} background"),
+        0 => format!("{a_c} {c} {s} on {a_bg} {bg} background"),
         1 => format!("{c} {s}, {bg} backdrop"),
-        _ => format!("a {bg} background with a {c} {s}"),
+        _ => format!("{a_bg} {bg} background with {a_c} {c} {s}"),
     }
 }
 
@@ -262,6 +274,58 @@ mod tests {
                     vocabulary.contains(word),
                     "{text}: `{word}` is not in the grammar"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn an_precedes_a_vowel_colour_and_a_otherwise() {
+        let a = Attributes {
+            colour: Colour::Orange,
+            shape: Shape::Circle,
+            size: Size::Small,
+            position: Position::Centre,
+        };
+        assert_eq!(
+            caption(&a, Colour::Orange, 2),
+            "an orange background with a small orange circle in the middle"
+        );
+        assert_eq!(
+            caption(&a, Colour::Red, 4),
+            "an orange circle, little, in the centre of a red backdrop"
+        );
+        assert_eq!(
+            layout_free(Colour::Orange, Shape::Circle, Colour::Red, 0),
+            "an orange circle on a red background"
+        );
+        assert_eq!(
+            layout_free(Colour::Red, Shape::Circle, Colour::Orange, 2),
+            "an orange background with a red circle"
+        );
+        // No caption of any scene or template says "a" before a vowel.
+        for colour in Colour::ALL {
+            for background in Colour::ALL {
+                for shape in Shape::ALL {
+                    let full = (0..TEMPLATES).map(|t| {
+                        let a = Attributes {
+                            colour,
+                            shape,
+                            size: Size::Large,
+                            position: Position::TopLeft,
+                        };
+                        caption(&a, background, t)
+                    });
+                    let free = (0..LAYOUT_FREE_TEMPLATES)
+                        .map(|t| layout_free(colour, shape, background, t));
+                    for text in full.chain(free) {
+                        let words: Vec<&str> = text.split_whitespace().collect();
+                        for pair in words.windows(2) {
+                            let vowel = pair[1].starts_with(['a', 'e', 'i', 'o', 'u']);
+                            assert!(!(pair[0] == "a" && vowel), "{text}");
+                            assert!(!(pair[0] == "an" && !vowel), "{text}");
+                        }
+                    }
+                }
             }
         }
     }

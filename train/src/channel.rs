@@ -8,9 +8,10 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use crate::conv::slice;
+use crate::conv::{slice, values};
 
 /// `(channels, plane size)` of a contiguous `(B, C, …)` input with a `C`-element per-channel argument.
+/// The plane size is at least 1 (an empty input has no planes to visit, and `chunks_exact(0)` panics).
 fn planes(x: &Layout, per_channel: &Layout, op: &str) -> candle_core::Result<(usize, usize)> {
     let dims = x.dims();
     if dims.len() < 2 || per_channel.shape().elem_count() != dims[1] {
@@ -20,7 +21,7 @@ fn planes(x: &Layout, per_channel: &Layout, op: &str) -> candle_core::Result<(us
         );
     }
     let c = dims[1];
-    Ok((c, dims[2..].iter().product()))
+    Ok((c, dims[2..].iter().product::<usize>().max(1)))
 }
 
 /// `f(channel, value)` over every value of the `(image, channel)` planes of `s` values each.
@@ -30,10 +31,6 @@ fn map_planes(x: &[f32], c: usize, s: usize, f: impl Fn(usize, f32) -> f32) -> V
         out.extend(plane.iter().map(|v| f(p % c, *v)));
     }
     out
-}
-
-fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// Σ over every `(image, channel)` plane of `f(plane index within the channel's planes, value)`,
@@ -51,6 +48,10 @@ fn channel_sums(g: &[f32], c: usize, s: usize, mut f: impl FnMut(usize, f32) -> 
     sums.into_iter().map(|v| v as f32).collect()
 }
 
+/// The ops' names in errors.
+const BIAS: &str = "channel bias";
+const AFFINE: &str = "channel affine";
+
 struct Bias;
 
 impl CustomOp2 for Bias {
@@ -65,12 +66,9 @@ impl CustomOp2 for Bias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (c, s) = planes(l1, l2, "channel bias")?;
-        let (x, b) = (
-            slice(s1, l1, "channel bias")?,
-            slice(s2, l2, "channel bias")?,
-        );
-        let out = map_planes(x, c, s.max(1), |ch, v| v + b[ch]);
+        let (c, s) = planes(l1, l2, BIAS)?;
+        let (x, b) = (slice(s1, l1, BIAS)?, slice(s2, l2, BIAS)?);
+        let out = map_planes(x, c, s, |ch, v| v + b[ch]);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -81,9 +79,9 @@ impl CustomOp2 for Bias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (c, s) = planes(x.layout(), b.layout(), "channel bias")?;
+        let (c, s) = planes(x.layout(), b.layout(), BIAS)?;
         let g = values(grad)?;
-        let db = channel_sums(&g, c, s.max(1), |_, v| v as f64);
+        let db = channel_sums(&g, c, s, |_, v| v as f64);
         Ok((
             Some(grad.clone()),
             Some(Tensor::from_vec(db, b.shape(), b.device())?),
@@ -107,11 +105,14 @@ impl CustomOp3 for Affine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = "channel affine";
-        let (c, s) = planes(l1, l2, op)?;
-        planes(l1, l3, op)?;
-        let (x, w, b) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
-        let out = map_planes(x, c, s.max(1), |ch, v| v * w[ch] + b[ch]);
+        let (c, s) = planes(l1, l2, AFFINE)?;
+        planes(l1, l3, AFFINE)?;
+        let (x, w, b) = (
+            slice(s1, l1, AFFINE)?,
+            slice(s2, l2, AFFINE)?,
+            slice(s3, l3, AFFINE)?,
+        );
+        let out = map_planes(x, c, s, |ch, v| v * w[ch] + b[ch]);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -123,8 +124,7 @@ impl CustomOp3 for Affine {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (c, s) = planes(x.layout(), w.layout(), "channel affine")?;
-        let s = s.max(1);
+        let (c, s) = planes(x.layout(), w.layout(), AFFINE)?;
         let (g, xs, ws) = (values(grad)?, values(x)?, values(w)?);
         let db = channel_sums(&g, c, s, |_, v| v as f64);
         let dw = channel_sums(&g, c, s, |i, v| v as f64 * xs[i] as f64);

@@ -152,6 +152,12 @@ fn col2im(cols: &[f32], g: Geom) -> Vec<f32> {
     x
 }
 
+/// A tensor's values, flattened, for a custom op's backward (which receives tensors, not storage): the
+/// counterpart of [`slice`] there.
+pub(crate) fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
 /// The f32 values of a contiguous custom-op argument; `op` names the op in the error.
 pub(crate) fn slice<'a>(
     storage: &'a CpuStorage,
@@ -205,7 +211,7 @@ impl CustomOp2 for Conv2d {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (cout, k) = (w.dim(0)?, w.dim(2)?);
         let g = Geom::new(x.dims(), k, self.stride, self.padding)?;
-        let xs = x.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let xs = values(x)?;
         let cols = Tensor::from_vec(im2col(&xs, g), (g.b, g.rows(), g.cols()), &Device::Cpu)?;
         let gy = grad.detach().contiguous()?.reshape((g.b, cout, g.cols()))?;
         // dW = Σ_n dY_n · cols_nᵀ; dcols = Wᵀ · dY, folded back onto the input.

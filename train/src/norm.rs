@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::Result;
+use crate::conv::values;
 
 /// The normalisation of `(B, C, …)` over `groups` channel groups (all spatial positions of a group).
 #[derive(Debug, Clone, Copy)]
@@ -69,9 +70,7 @@ impl CustomOp1 for Normalize {
     ) -> candle_core::Result<Option<Tensor>> {
         let dims = arg.dims().to_vec();
         let n_groups = dims[0] * self.groups;
-        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let xhat = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (x, xhat, g) = (values(arg)?, values(res)?, values(grad)?);
         let len = x.len() / n_groups;
         let stats = self.stats(&x, n_groups);
         let mut dx = Vec::with_capacity(x.len());

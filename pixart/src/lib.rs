@@ -15,6 +15,7 @@
 //! | [`vae`] | the SD VAE: decode, and encode to the deterministic posterior mean |
 //! | [`image_ops`] | aspect-ratio binning, resize + centre crop, tensor → RGB, PNG |
 //! | [`loading`] | diffusers-layout directories and the Hugging Face hub cache |
+//! | [`threads`] | the CPU thread count, settled once at start-up instead of on every matrix product |
 //!
 //! Devices: CPU (f32) by default; CUDA with the `cuda` feature (transformer in f16/bf16, T5 in bf16,
 //! VAE in f32). The hub checkpoint ships only `spiece.model`: see [`text_encoder`] for the one-line
@@ -52,6 +53,7 @@ pub mod loading;
 pub mod pipeline;
 pub mod scheduler;
 pub mod text_encoder;
+pub mod threads;
 pub mod transformer;
 pub mod vae;
 pub mod weights;

@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use crate::conv::{slice, values};
+use crate::conv::{slice, with_values};
 
 /// `(channels, plane size)` of a contiguous `(B, C, …)` input with a `C`-element per-channel argument.
 /// The plane size is at least 1 (an empty input has no planes to visit, and `chunks_exact(0)` panics).
@@ -80,8 +80,7 @@ impl CustomOp2 for Bias {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (c, s) = planes(x.layout(), b.layout(), BIAS)?;
-        let g = values(grad)?;
-        let db = channel_sums(&g, c, s, |_, v| v as f64);
+        let db = with_values(grad, BIAS, |g| Ok(channel_sums(g, c, s, |_, v| v as f64)))?;
         Ok((
             Some(grad.clone()),
             Some(Tensor::from_vec(db, b.shape(), b.device())?),
@@ -125,10 +124,17 @@ impl CustomOp3 for Affine {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (c, s) = planes(x.layout(), w.layout(), AFFINE)?;
-        let (g, xs, ws) = (values(grad)?, values(x)?, values(w)?);
-        let db = channel_sums(&g, c, s, |_, v| v as f64);
-        let dw = channel_sums(&g, c, s, |i, v| v as f64 * xs[i] as f64);
-        let dx = map_planes(&g, c, s, |ch, v| v * ws[ch]);
+        let (dx, dw, db) = with_values(grad, AFFINE, |g| {
+            with_values(x, AFFINE, |xs| {
+                with_values(w, AFFINE, |ws| {
+                    Ok((
+                        map_planes(g, c, s, |ch, v| v * ws[ch]),
+                        channel_sums(g, c, s, |i, v| v as f64 * xs[i] as f64),
+                        channel_sums(g, c, s, |_, v| v as f64),
+                    ))
+                })
+            })
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),

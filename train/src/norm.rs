@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::Result;
-use crate::conv::values;
+use crate::conv::with_values;
 
 /// The normalisation of `(B, C, …)` over `groups` channel groups (all spatial positions of a group).
 #[derive(Debug, Clone, Copy)]
@@ -32,7 +32,34 @@ impl Normalize {
             })
             .collect()
     }
+
+    /// `dx = (g − mean_g(g) − x̂ · mean_g(g · x̂)) / σ_g` per (batch, group), from the input `x`, the
+    /// forward's output `xhat` and the output gradient `g`.
+    fn backward(&self, x: &[f32], xhat: &[f32], g: &[f32], n_groups: usize) -> Vec<f32> {
+        let len = x.len() / n_groups;
+        let stats = self.stats(x, n_groups);
+        let mut dx = Vec::with_capacity(x.len());
+        for ((gg, xh), (_, inv)) in g.chunks_exact(len).zip(xhat.chunks_exact(len)).zip(stats) {
+            let mean_g = gg.iter().map(|v| *v as f64).sum::<f64>() / len as f64;
+            let mean_gx = gg
+                .iter()
+                .zip(xh)
+                .map(|(a, b)| (*a * *b) as f64)
+                .sum::<f64>()
+                / len as f64;
+            let (mean_g, mean_gx) = (mean_g as f32, mean_gx as f32);
+            dx.extend(
+                gg.iter()
+                    .zip(xh)
+                    .map(|(a, b)| (a - mean_g - b * mean_gx) * inv),
+            );
+        }
+        dx
+    }
 }
+
+/// The op's name in errors.
+const NORMALIZE: &str = "group normalize";
 
 impl CustomOp1 for Normalize {
     fn name(&self) -> &'static str {
@@ -70,25 +97,11 @@ impl CustomOp1 for Normalize {
     ) -> candle_core::Result<Option<Tensor>> {
         let dims = arg.dims().to_vec();
         let n_groups = dims[0] * self.groups;
-        let (x, xhat, g) = (values(arg)?, values(res)?, values(grad)?);
-        let len = x.len() / n_groups;
-        let stats = self.stats(&x, n_groups);
-        let mut dx = Vec::with_capacity(x.len());
-        for ((gg, xh), (_, inv)) in g.chunks_exact(len).zip(xhat.chunks_exact(len)).zip(stats) {
-            let mean_g = gg.iter().map(|v| *v as f64).sum::<f64>() / len as f64;
-            let mean_gx = gg
-                .iter()
-                .zip(xh)
-                .map(|(a, b)| (*a * *b) as f64)
-                .sum::<f64>()
-                / len as f64;
-            let (mean_g, mean_gx) = (mean_g as f32, mean_gx as f32);
-            dx.extend(
-                gg.iter()
-                    .zip(xh)
-                    .map(|(a, b)| (a - mean_g - b * mean_gx) * inv),
-            );
-        }
+        let dx = with_values(arg, NORMALIZE, |x| {
+            with_values(res, NORMALIZE, |xhat| {
+                with_values(grad, NORMALIZE, |g| Ok(self.backward(x, xhat, g, n_groups)))
+            })
+        })?;
         Ok(Some(Tensor::from_vec(dx, dims, arg.device())?))
     }
 }

@@ -433,6 +433,11 @@ struct VaeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: first thing in main, before any thread is started.
+    #[allow(unsafe_code)]
+    unsafe {
+        pixart::threads::settle()
+    };
     let cli = Cli::parse();
     match cli.command {
         Command::Vae(a) => {

@@ -3,8 +3,26 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // SAFETY: before the async runtime, or any other thread, exists (`pixfarm dev` and `generate` render
+    // in this process).
+    #[allow(unsafe_code)]
+    unsafe {
+        pixart::threads::settle()
+    };
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> std::process::ExitCode {
     let cli = pixfarm::commands::Cli::parse();
     match pixfarm::commands::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

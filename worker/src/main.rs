@@ -18,8 +18,20 @@ struct Cli {
     log_format: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // SAFETY: before the async runtime, or any other thread, exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        pixart::threads::settle()
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+/// The worker's life: logging, then render until SIGTERM drains it.
+async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("PIXFARM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     if cli.log_json || cli.log_format == "json" {

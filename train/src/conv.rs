@@ -158,8 +158,8 @@ fn col2im(cols: &[f32], g: Geom) -> Vec<f32> {
 
 /// Runs `f` on a tensor's values, flattened: a custom op's backward receives tensors, not storage, and
 /// this reads them where they lie when they are contiguous (as the ops' own arguments are) rather than
-/// copying them out, which at the VAE's activation sizes was ≈ 8 % of a training step. The counterpart
-/// of [`slice`] there; `op` names the op in the error.
+/// copying them out, which at the VAE's activation sizes was ≈ 25 % of a training step's main thread
+/// (BENCHMARKS.md, "Step speed"). The counterpart of [`slice`] there; `op` names the op in the error.
 pub(crate) fn with_values<R>(
     t: &Tensor,
     op: &str,
@@ -200,10 +200,10 @@ impl CustomOp2 for Conv2d {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (cout, k) = (l2.dims()[0], l2.dims()[2]);
         let g = Geom::new(l1.dims(), k, self.stride, self.padding)?;
-        let cols = CpuStorage::F32(im2col(slice(s1, l1, CONV)?, g));
         if !l2.is_contiguous() {
             candle_core::bail!("{CONV}: non-contiguous kernel {:?}", l2.dims())
         }
+        let cols = CpuStorage::F32(im2col(slice(s1, l1, CONV)?, g));
         // `W · cols_n` for every image, on the storages themselves: the product lands in the op's
         // output without a copy (the same gemm calls `broadcast_matmul` makes).
         let w = Layout::contiguous_with_offset((1, cout, g.rows()), l2.start_offset())

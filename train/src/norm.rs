@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::Result;
-use crate::conv::with_values;
+use crate::conv::{slice, with_values};
 
 /// The normalisation of `(B, C, …)` over `groups` channel groups (all spatial positions of a group).
 #[derive(Debug, Clone, Copy)]
@@ -71,13 +71,7 @@ impl CustomOp1 for Normalize {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("group normalize: input must be contiguous".into())
-        })?;
-        let x = match storage {
-            CpuStorage::F32(v) => &v[start..end],
-            _ => candle_core::bail!("group normalize: f32 only"),
-        };
+        let x = slice(storage, layout, NORMALIZE)?;
         let dims = layout.dims();
         let n_groups = dims[0] * self.groups;
         let len = x.len() / n_groups;

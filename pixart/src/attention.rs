@@ -487,9 +487,10 @@ fn attention_chunk() -> usize {
     })
 }
 
-/// [`attend`] with only differentiable ops: candle's composed softmax (`candle_nn::ops::softmax`, which has a
-/// backward pass) instead of the fused `softmax_last_dim` (which has none), no query chunking; the softmax in
-/// f32 for half-precision models and in the model's dtype otherwise. For training.
+/// [`attend`] with only differentiable ops: the fused softmax with its own backward
+/// ([`crate::kernels::softmax_last_dim_differentiable`]; candle's composed one off f32 CPU) instead of candle's
+/// `softmax_last_dim` (which has none), no query chunking; the softmax in f32 for half-precision models and in
+/// the model's dtype otherwise. For training.
 pub fn attend_differentiable(
     q: &Tensor,
     k: &Tensor,
@@ -504,7 +505,7 @@ pub fn attend_differentiable(
         Some(bias) => scores.broadcast_add(&bias.to_dtype(work)?)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+    let probs = crate::kernels::softmax_last_dim_differentiable(&scores)?.to_dtype(dtype)?;
     Ok(probs.matmul(v)?)
 }
 

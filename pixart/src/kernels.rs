@@ -10,13 +10,21 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 
 use crate::Result;
 
-/// `exp(x)` for f32 without branches (so loops over it vectorise). Inputs are clamped to [-87, 88].
+/// `exp(x)` for f32 without branches (so loops over it vectorise). Inputs above 88 are clamped to 88; below
+/// −87 the result is exactly 0.
+///
+/// Why 0 rather than the clamp's e⁻⁸⁷ ≈ 1.6e-38: a softmax over a row with masked keys (bias −10,000) would
+/// otherwise give those keys that probability, and the products downstream (probabilities times values, and
+/// their gradients) fall into the subnormal range, where the CPU's FMA units slow down by an order of
+/// magnitude: a training step of the small DiT took ~1.5× as long. e⁻⁸⁷ is below f32's smallest normal
+/// relative to a row maximum of 1, so 0 is also the closer value.
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer
+    let underflow = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -26,7 +34,8 @@ pub fn fast_exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    let e = p * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if underflow { 0.0 } else { e }
 }
 
 /// Runs `f` over `src`/`dst` chunks of `chunk` elements (rows) on candle's worker count.
@@ -52,7 +61,11 @@ fn par_rows(src: &[f32], dst: &mut [f32], row: usize, f: impl Fn(&[f32], &mut [f
     });
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("{op}: expected a contiguous f32 tensor"),
@@ -207,6 +220,75 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax_last_dim(x)?)
 }
 
+/// Softmax over the last dimension that gradients flow through: the fused kernel with its own backward on
+/// f32 CPU tensors, candle's composed `softmax` elsewhere (f64 gradient checks go that way).
+///
+/// Why: the composed softmax is five graph nodes (max, subtract, exp, sum, divide), and candle's backward
+/// allocates a zeroed gradient for every node before adding into it; in a small DiT's training step, where
+/// tensors are small and the per-node cost dominates, one node with a fused backward is the cheaper graph.
+pub fn softmax_last_dim_differentiable(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return Ok(x.contiguous()?.apply_op1(SoftmaxLastDimDifferentiable)?);
+    }
+    Ok(candle_nn::ops::softmax(x, candle_core::D::Minus1)?)
+}
+
+struct SoftmaxLastDimDifferentiable;
+
+impl CustomOp1 for SoftmaxLastDimDifferentiable {
+    fn name(&self) -> &'static str {
+        "pixart-softmax-last-dim-differentiable"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        SoftmaxLastDim.cpu_fwd(s, l)
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(
+            res.contiguous()?.apply_op2_no_bwd(&grad, &SoftmaxGrad)?,
+        ))
+    }
+}
+
+/// `p ⊙ (g − Σⱼ pⱼ gⱼ)` per row: the softmax's vector-Jacobian product from its output `p`.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "pixart-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let p = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        if p.len() != g.len() {
+            candle_core::bail!("{}: output and gradient differ in size", self.name());
+        }
+        let n = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut dst = vec![0f32; p.len()];
+        for ((p, g), d) in p.chunks(n).zip(g.chunks(n)).zip(dst.chunks_mut(n)) {
+            let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+            for ((o, &p), &g) in d.iter_mut().zip(p).zip(g) {
+                *o = p * (g - dot);
+            }
+        }
+        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,7 +305,8 @@ mod tests {
         }
         assert!(worst < 5e-7, "relative error {worst}");
         assert_eq!(fast_exp(0.0), 1.0);
-        assert!(fast_exp(-1000.0) < 1e-37 && fast_exp(-1000.0) >= 0.0);
+        assert_eq!(fast_exp(-1000.0), 0.0);
+        assert_eq!(fast_exp(-87.5), 0.0);
     }
 
     #[test]
@@ -282,6 +365,40 @@ mod tests {
                 .max_all()?
                 .to_scalar::<f32>()?;
             assert!(err < 1e-5, "gelu forward {shape:?}: {err}");
+        }
+        Ok(())
+    }
+
+    /// The fused softmax's backward against candle's composed softmax autograd in f64.
+    #[test]
+    fn differentiable_softmax_matches_candles_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        for (shape, scale) in [(vec![4, 3, 16, 16], 3.0), (vec![2, 77, 129], 8.0)] {
+            let shape = Shape::from(shape);
+            let x =
+                candle_core::Var::from_tensor(&(Tensor::randn(0f32, 1.0, &shape, &dev)? * scale)?)?;
+            let w = Tensor::randn(0f32, 1.0, &shape, &dev)?;
+            let y = softmax_last_dim_differentiable(x.as_tensor())?;
+            let grads = (&y * &w)?.sum_all()?.backward()?;
+            let ours = grads
+                .get(x.as_tensor())
+                .expect("a gradient reaches x")
+                .clone();
+
+            let x64 = candle_core::Var::from_tensor(&x.as_tensor().to_dtype(DType::F64)?)?;
+            let y64 = candle_nn::ops::softmax(x64.as_tensor(), candle_core::D::Minus1)?;
+            let grads64 = (&y64 * w.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+            let reference = grads64
+                .get(x64.as_tensor())
+                .expect("a gradient")
+                .to_dtype(DType::F32)?;
+            let err = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-5, "softmax gradient {shape:?}: {err}");
+            let err = (y - y64.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(err < 3e-6, "softmax forward {shape:?}: {err}");
         }
         Ok(())
     }

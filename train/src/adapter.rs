@@ -45,6 +45,7 @@ use crate::lcd::{
 use crate::optim::{AdamW, AdamWParams, clip_grad_norm};
 use crate::prep::{LatentPool, Prepared, Text};
 use crate::seed::{self, Stream};
+use crate::shard::{self, ShardLoss};
 use crate::stage;
 use crate::teacher::{load_transformer_vars, stage_config};
 use crate::varmap::sorted_vars;
@@ -372,26 +373,40 @@ pub fn train(
             let prompts: Vec<Option<&str>> = captions.iter().map(|c| Some(c.as_str())).collect();
             let (y, mask) = self.text.batch(&prompts)?;
             let ts = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), b, &device)?;
-            let cond = ControlCondition {
-                latents: &control,
-                scale: &[1.0],
-            };
-            let out = self
-                .adapter
-                .forward(self.base, &x_t, &ts, &y, Some(&mask), None, &cond)?;
-            let c = x0.dim(1)?;
-            let eps = out.narrow(1, 0, c)?;
-            let loss = match self.config.objective {
-                Objective::Epsilon => (eps - &noise)?.sqr()?.mean_all()?,
-                Objective::Consistency => {
-                    let x0_hat = predict_x0(&x_t, &eps, &ac_t)?;
-                    (consistency_output(&x_t, &x0_hat, &t)? - &x0)?
-                        .sqr()?
-                        .mean_all()?
-                }
-            };
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
+            let shards = shard::default_shards(b);
+            let (adapter, base, objective) = (self.adapter, self.base, self.config.objective);
+            let (grads, outs) = shard::backward(b, &shards, self.vars, |r| {
+                let rows = |t: &Tensor| t.narrow(0, r.start, r.len());
+                let (x0, x_t, noise) = (rows(&x0)?, rows(&x_t)?, rows(&noise)?);
+                let control = rows(&control)?;
+                let cond = ControlCondition {
+                    latents: &control,
+                    scale: &[1.0],
+                };
+                let out = adapter.forward(
+                    base,
+                    &x_t,
+                    &rows(&ts)?,
+                    &rows(&y)?,
+                    Some(&rows(&mask)?),
+                    None,
+                    &cond,
+                )?;
+                let c = x0.dim(1)?;
+                let eps = out.narrow(1, 0, c)?;
+                let loss = match objective {
+                    Objective::Epsilon => (eps - &noise)?.sqr()?.mean_all()?,
+                    Objective::Consistency => {
+                        let x0_hat = predict_x0(&x_t, &eps, &ac_t[r.clone()])?;
+                        (consistency_output(&x_t, &x0_hat, &t[r.clone()])? - &x0)?
+                            .sqr()?
+                            .mean_all()?
+                    }
+                };
+                Ok(ShardLoss { loss, extra: () })
+            })?;
+            let value = shard::batch_loss(b, &shards, &outs)?;
+            let (Some(mut grads), true) = (grads, value.is_finite()) else {
                 return Ok((
                     StepRecord {
                         step: step + 1,
@@ -400,8 +415,7 @@ pub fn train(
                     },
                     value,
                 ));
-            }
-            let mut grads = loss.backward()?;
+            };
             let grad_norm = clip_grad_norm(&mut grads, self.vars, self.config.grad_clip)?;
             self.optimizer.step(&grads)?;
             Ok((

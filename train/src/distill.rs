@@ -26,6 +26,7 @@ use crate::lcd::{self, DDIM_TIMESTEPS, DdimSolver, NoiseSchedule};
 use crate::optim::{AdamW, AdamWParams, clip_grad_norm};
 use crate::prep::{LatentPool, Prepared, Text};
 use crate::seed::{self, Stream};
+use crate::shard::{self, ShardLoss};
 use crate::stage;
 use crate::teacher::load_transformer_vars;
 use crate::varmap::{snapshot, sorted_vars};
@@ -180,6 +181,17 @@ pub fn draw_batch(
         ddim,
         noise,
     })
+}
+
+impl LcdBatch {
+    /// Samples `r` of the batch (one shard's, [`crate::shard`]).
+    pub fn rows(&self, r: std::ops::Range<usize>) -> Result<Self> {
+        Ok(Self {
+            indices: self.indices[r.clone()].to_vec(),
+            ddim: self.ddim[r.clone()].to_vec(),
+            noise: self.noise.narrow(0, r.start, r.len())?,
+        })
+    }
 }
 
 /// The three networks of one step.
@@ -353,18 +365,25 @@ pub fn train(
                 .collect();
             let (y, mask) = self.text.batch(&prompts)?;
             let (yu, mu) = self.text.batch(&vec![None; prompts.len()])?;
-            let loss = lcd_loss(
-                &self.nets,
-                self.config,
-                self.solver,
-                self.ac,
-                &x0,
-                (&y, &mask),
-                (&yu, &mu),
-                &batch,
-            )?;
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
+            let b = batch.indices.len();
+            let shards = shard::default_shards(b);
+            let (nets, config, solver, ac) = (&self.nets, self.config, self.solver, self.ac);
+            let (grads, outs) = shard::backward(b, &shards, self.vars, |r| {
+                let rows = |t: &Tensor| t.narrow(0, r.start, r.len());
+                let loss = lcd_loss(
+                    nets,
+                    config,
+                    solver,
+                    ac,
+                    &rows(&x0)?,
+                    (&rows(&y)?, &rows(&mask)?),
+                    (&rows(&yu)?, &rows(&mu)?),
+                    &batch.rows(r.clone())?,
+                )?;
+                Ok(ShardLoss { loss, extra: () })
+            })?;
+            let value = shard::batch_loss(b, &shards, &outs)?;
+            let (Some(mut grads), true) = (grads, value.is_finite()) else {
                 return Ok((
                     StepRecord {
                         step: step + 1,
@@ -373,8 +392,7 @@ pub fn train(
                     },
                     value,
                 ));
-            }
-            let mut grads = loss.backward()?;
+            };
             let grad_norm = clip_grad_norm(&mut grads, self.vars, self.config.grad_clip)?;
             self.optimizer.step(&grads)?;
             lcd::ema_update(self.target, self.source, self.config.ema_rate)?;

@@ -32,6 +32,7 @@
 //! | [`prep`] | latents from the trained VAE and features from the frozen text encoder, prepared once per run |
 //! | [`probe`] | a transformer's ε and x0 error per noise level, with and without captions |
 //! | [`stage`] | the loop the diffusion stages share: preflight, steps, saves, NaN stop, interruption |
+//! | [`shard`] | data-parallel steps: one shard of the batch per core, single-threaded, gradients summed |
 //! | [`teacher`] | stage 3: the PixArt-α teacher (ε + learned σ, caption dropout) |
 //! | [`distill`] | stage 4: Latent Consistency Distillation into the 4-step student (Algorithm 1) |
 //! | [`adapter`] | stage 5: the ControlNet-Transformer adapter on edge maps (base frozen, zero-init projections) |
@@ -94,6 +95,7 @@ pub mod progress;
 pub mod sample;
 pub mod scene;
 pub mod seed;
+pub mod shard;
 pub mod sheet;
 pub mod stage;
 pub mod teacher;

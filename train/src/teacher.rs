@@ -22,6 +22,7 @@ use crate::lcd::{NoiseSchedule, TRAIN_TIMESTEPS, add_noise};
 use crate::optim::{AdamW, AdamWParams, clip_grad_norm};
 use crate::prep::{LatentPool, Prepared, Text};
 use crate::seed::{self, Stream};
+use crate::shard::{self, ShardLoss};
 use crate::stage;
 use crate::varmap::sorted_vars;
 use crate::{Error, Result};
@@ -207,16 +208,24 @@ pub fn draw_batch(
     })
 }
 
-/// The loss of one batch (shared with the tests).
-pub fn batch_loss(
-    config: &TeacherConfig,
-    model: &PixArtTransformer,
+/// A batch's model inputs: built on the calling thread (the frozen text encoder keeps a cache), then read
+/// by every shard ([`crate::shard`]).
+pub struct BatchInputs {
+    pub x0: Tensor,
+    pub x_t: Tensor,
+    pub y: Tensor,
+    pub mask: Tensor,
+    pub t: Tensor,
+}
+
+/// The noised latents, captions and timesteps of `batch`.
+pub fn batch_inputs(
     post: &Posterior,
     pool: &LatentPool,
     text: &mut Text,
     batch: &Batch,
-) -> Result<crate::diffusion::TeacherLoss> {
-    let device = model.device().clone();
+) -> Result<BatchInputs> {
+    let device = pool.latents.device().clone();
     let x0 = pool
         .latents
         .index_select(&Tensor::new(batch.indices.as_slice(), &device)?, 0)?;
@@ -235,17 +244,63 @@ pub fn batch_loss(
     let (y, mask) = text.batch(&prompts)?;
     let t: Vec<f32> = batch.timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::from_vec(t, batch.timesteps.len(), &device)?;
+    Ok(BatchInputs {
+        x0,
+        x_t,
+        y,
+        mask,
+        t,
+    })
+}
+
+/// The loss of samples `r` of a batch (a mean over those samples).
+pub fn shard_loss(
+    config: &TeacherConfig,
+    model: &PixArtTransformer,
+    post: &Posterior,
+    inputs: &BatchInputs,
+    batch: &Batch,
+    r: std::ops::Range<usize>,
+) -> Result<crate::diffusion::TeacherLoss> {
+    let rows = |t: &Tensor| t.narrow(0, r.start, r.len());
+    let (x0, x_t, noise) = (rows(&inputs.x0)?, rows(&inputs.x_t)?, rows(&batch.noise)?);
     let out = model
-        .forward(&x_t, &t, &y, Some(&mask), None)?
+        .forward(
+            &x_t,
+            &rows(&inputs.t)?,
+            &rows(&inputs.y)?,
+            Some(&rows(&inputs.mask)?),
+            None,
+        )?
         .to_dtype(DType::F32)?;
     teacher_loss(
         post,
         &x0,
         &x_t,
-        &batch.noise,
+        &noise,
         &out,
-        &batch.timesteps,
+        &batch.timesteps[r],
         config.mse_weighting,
+    )
+}
+
+/// The loss of one batch (shared with the tests).
+pub fn batch_loss(
+    config: &TeacherConfig,
+    model: &PixArtTransformer,
+    post: &Posterior,
+    pool: &LatentPool,
+    text: &mut Text,
+    batch: &Batch,
+) -> Result<crate::diffusion::TeacherLoss> {
+    let inputs = batch_inputs(post, pool, text, batch)?;
+    shard_loss(
+        config,
+        model,
+        post,
+        &inputs,
+        batch,
+        0..batch.timesteps.len(),
     )
 }
 
@@ -311,16 +366,23 @@ pub fn train(
         fn step(&mut self, step: u64) -> Result<(StepRecord, f32)> {
             let device = self.model.device().clone();
             let batch = draw_batch(self.config, step, self.latent_shape, &device)?;
-            let loss = batch_loss(
-                self.config,
-                self.model,
-                self.post,
-                self.pool,
-                self.text,
-                &batch,
-            )?;
-            let value = loss.total.to_scalar::<f32>()?;
-            if !value.is_finite() {
+            let inputs = batch_inputs(self.post, self.pool, self.text, &batch)?;
+            let b = batch.timesteps.len();
+            let shards = shard::default_shards(b);
+            let (config, model, post) = (self.config, self.model, self.post);
+            let (grads, outs) = shard::backward(b, &shards, self.vars, |r| {
+                let loss = shard_loss(config, model, post, &inputs, &batch, r)?;
+                Ok(ShardLoss {
+                    extra: (loss.mse.to_scalar::<f32>()?, loss.vb.to_scalar::<f32>()?),
+                    loss: loss.total,
+                })
+            })?;
+            let value = shard::batch_loss(b, &shards, &outs)?;
+            let part = |f: fn(&(f32, f32)) -> f32| {
+                let values: Vec<f32> = outs.iter().map(|o| f(&o.extra)).collect();
+                shard::combine(b, &shards, &values)
+            };
+            let (Some(mut grads), true) = (grads, value.is_finite()) else {
                 return Ok((
                     StepRecord {
                         step: step + 1,
@@ -331,15 +393,14 @@ pub fn train(
                     },
                     value,
                 ));
-            }
-            let mut grads = loss.total.backward()?;
+            };
             let grad_norm = clip_grad_norm(&mut grads, self.vars, self.config.grad_clip)?;
             self.optimizer.step(&grads)?;
             let record = StepRecord {
                 step: step + 1,
                 loss: value,
-                mse: loss.mse.to_scalar::<f32>()?,
-                vb: loss.vb.to_scalar::<f32>()?,
+                mse: part(|e| e.0),
+                vb: part(|e| e.1),
                 grad_norm,
             };
             Ok((record, value))

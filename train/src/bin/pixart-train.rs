@@ -436,7 +436,7 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any thread is started.
     #[allow(unsafe_code)]
     unsafe {
-        pixart::threads::settle()
+        pixart_train::shard::settle_threads()
     };
     let cli = Cli::parse();
     match cli.command {

@@ -24,9 +24,11 @@ use crate::Result;
 
 /// Settles the process's thread configuration for sharded training: `CANDLE_NUM_THREADS=1` unless set
 /// (candle's element-wise ops on the calling thread: its barrier pool runs one op at a time, and with two
-/// shards calling it each would wait for the other's; a VAE step, which is not sharded, measured the same
-/// speed either way), then [`pixart::threads::settle`] (matmuls keep candle's default thread count).
-/// Neither changes a result: element-wise ops compute each element the same way on any thread.
+/// shards calling it each would wait for the other's; a VAE step, which is not sharded, measured 0.99–1.11×
+/// its time without the setting, BENCHMARKS.md "Step speed: one shard of the batch per core"), then
+/// [`pixart::threads::settle`] (matmuls keep candle's default thread count). Neither changes a result:
+/// element-wise ops compute each element the same way on any thread (the VAE a chain trains with it is
+/// byte-identical to one trained without).
 ///
 /// # Safety
 ///

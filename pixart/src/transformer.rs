@@ -121,6 +121,14 @@ pub fn modulated_layer_norm_differentiable(
         .to_dtype(dtype)?)
 }
 
+/// A row's mean and 1/√(σ² + ε), two-pass: the forward and its backward must normalise alike.
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let d = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / d;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 struct ModulatedLayerNorm {
     eps: f64,
 }
@@ -153,9 +161,7 @@ impl CustomOp3 for ModulatedLayerNorm {
                 .chunks_exact(d)
                 .zip(out[rows].chunks_exact_mut(d))
             {
-                let mean = src.iter().sum::<f32>() / d as f32;
-                let var = src.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                let rstd = 1.0 / (var + eps).sqrt();
+                let (mean, rstd) = row_stats(src, eps);
                 for i in 0..d {
                     dst[i] = (src[i] - mean) * rstd * (1.0 + sc[i]) + sh[i];
                 }
@@ -231,9 +237,7 @@ impl CustomOp3 for ModulatedLayerNormGrad {
             for row in bi * n..(bi + 1) * n {
                 let src = &x[row * d..(row + 1) * d];
                 let gr = &g[row * d..(row + 1) * d];
-                let mean = src.iter().sum::<f32>() / d as f32;
-                let var = src.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-                let rstd = 1.0 / (var + eps).sqrt();
+                let (mean, rstd) = row_stats(src, eps);
                 let (mut m1, mut m2) = (0f32, 0f32);
                 for i in 0..d {
                     xn[i] = (src[i] - mean) * rstd;

@@ -653,8 +653,10 @@ mod tests {
                     b.cross_attention(&x, &text).unwrap(),
                 ),
             };
+            // Every row of a broadcast weight is the same, so outputs reach ~40 and the two gemm
+            // paths' rounding differs by up to ~2e-5 (300 random draws); a wrong projection is O(1).
             let diff = max_abs_diff(&oa, &ob);
-            assert!(diff < 1e-5, "{kind:?}: {diff}");
+            assert!(diff < 1e-4, "{kind:?}: {diff}");
         }
     }
 

@@ -5,7 +5,8 @@
 //! candle's own parallelism — each matmul and element-wise op split across the cores, with a barrier after
 //! each — spends more on synchronising than it gains: a teacher step took as long on one thread as on two.
 //! Two single-threaded halves of the batch, one per core, keep both cores busy with no barrier until the
-//! gradients are summed. The loss is a mean over samples, so the shards' losses weighted by their share of
+//! gradients are summed. The VAE's step is split the same way ([`crate::vae::TrainableVae::batch_backward`]):
+//! its element-wise ops (GroupNorm, SiLU) on 32×32 crops ran one core at a time between convolutions. The loss is a mean over samples, so the shards' losses weighted by their share of
 //! the batch sum to the whole batch's loss, and their gradients to its gradient; only f32 rounding differs.
 //!
 //! The shards run on rayon's global pool (the one candle's matmuls use), so a matmul inside a shard finds
@@ -24,8 +25,8 @@ use crate::Result;
 
 /// Settles the process's thread configuration for sharded training: `CANDLE_NUM_THREADS=1` unless set
 /// (candle's element-wise ops on the calling thread: its barrier pool runs one op at a time, and with two
-/// shards calling it each would wait for the other's; a VAE step, which is not sharded, measured 0.99–1.11×
-/// its time without the setting, BENCHMARKS.md "Step speed: one shard of the batch per core"), then
+/// shards calling it each would wait for the other's; every training stage's step is sharded, and the
+/// evaluation's sampling measured 0.89–0.90× its time without the setting), then
 /// [`pixart::threads::settle`] (matmuls keep candle's default thread count). Neither changes a result:
 /// element-wise ops compute each element the same way on any thread (the VAE a chain trains with it is
 /// byte-identical to one trained without).

@@ -19,10 +19,11 @@
 //! random numbers cannot be seeded.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use image::RgbImage;
@@ -35,6 +36,7 @@ use crate::norm::GroupNorm;
 use crate::optim::{AdamW, AdamWParams, clip_grad_norm};
 use crate::progress::Progress;
 use crate::seed::{self, Stream};
+use crate::shard::{self, ShardLoss};
 use crate::varmap::sorted_vars;
 use crate::{Error, Result};
 
@@ -455,6 +457,21 @@ pub struct VaeLoss {
     pub kl: Tensor,
 }
 
+/// A per-pixel weight `(B, 1, H, W)` on the reconstruction error and the mean it is normalised by.
+#[derive(Debug, Clone, Copy)]
+pub struct PixelWeight<'a> {
+    pub weight: &'a Tensor,
+    pub mean: f64,
+}
+
+/// A step's loss and its parts as numbers (a sharded step has no single graph to hold them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossValues {
+    pub total: f32,
+    pub recon: f32,
+    pub kl: f32,
+}
+
 /// The VAE on live variables.
 pub struct TrainableVae {
     varmap: VarMap,
@@ -510,31 +527,77 @@ impl TrainableVae {
 
     /// The loss on `images` with the posterior sampled by `noise` (standard normal, latent-shaped).
     pub fn loss(&self, images: &Tensor, noise: &Tensor) -> Result<VaeLoss> {
-        self.weighted_loss(images, noise, None)
+        self.loss_of(images, noise, None)
     }
 
-    /// [`Self::loss`] with a per-pixel weight `(B, 1, H, W)` on the reconstruction error (normalised by its
-    /// mean, so a constant weight is the plain loss).
-    pub fn weighted_loss(
+    /// The loss with the reconstruction error weighted per pixel and normalised by `weight.mean` — the
+    /// whole batch's mean weight when `images` is one shard of it, so that the shards' losses weighted by
+    /// their share of the batch sum to the batch's loss (a shard's own mean weight would not).
+    pub fn loss_of(
         &self,
         images: &Tensor,
         noise: &Tensor,
-        weight: Option<&Tensor>,
+        weight: Option<PixelWeight<'_>>,
     ) -> Result<VaeLoss> {
         let (mean, logvar) = self.moments(images)?;
         let z = (&mean + (logvar.affine(0.5, 0.0)?.exp()? * noise)?)?;
         let err = (self.decode(&z)? - images)?.sqr()?;
         let recon = match weight {
             None => err.mean_all()?,
-            Some(w) => {
-                (err.broadcast_mul(w)?.mean_all()? / w.mean_all()?.to_scalar::<f32>()? as f64)?
-            }
+            Some(w) => (err.broadcast_mul(w.weight)?.mean_all()? / w.mean)?,
         };
         let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?
             .affine(0.5, 0.0)?
             .mean_all()?;
         let total = (&recon + (&kl * self.config.kl_weight)?)?;
         Ok(VaeLoss { total, recon, kl })
+    }
+
+    /// One training step's forward and backward on `images`, split into `shards` that run concurrently
+    /// ([`shard::backward`]): the gradients of every variable summed over the shards (`None` when a
+    /// shard's loss is not finite) and the batch's loss, reconstruction and KL. The samples are
+    /// independent (GroupNorm normalises each alone), so the sum is the whole batch's gradient up to f32
+    /// rounding.
+    pub fn batch_backward(
+        &self,
+        images: &Tensor,
+        noise: &Tensor,
+        weight: Option<&Tensor>,
+        shards: &[Range<usize>],
+    ) -> Result<(Option<GradStore>, LossValues)> {
+        let b = images.dim(0)?;
+        // Normalised by the whole batch's mean weight in every shard.
+        let weight = match weight {
+            Some(w) => Some((w, w.mean_all()?.to_scalar::<f32>()? as f64)),
+            None => None,
+        };
+        let vars = sorted_vars(&self.varmap);
+        let (grads, outs) = shard::backward(b, shards, &vars, |r| {
+            let rows = |t: &Tensor| t.narrow(0, r.start, r.len());
+            let w = match weight {
+                Some((w, mean)) => Some((rows(w)?, mean)),
+                None => None,
+            };
+            let weight = w.as_ref().map(|(weight, mean)| PixelWeight {
+                weight,
+                mean: *mean,
+            });
+            let loss = self.loss_of(&rows(images)?, &rows(noise)?, weight)?;
+            Ok(ShardLoss {
+                extra: (loss.recon.to_scalar::<f32>()?, loss.kl.to_scalar::<f32>()?),
+                loss: loss.total,
+            })
+        })?;
+        let part = |f: fn(&(f32, f32)) -> f32| {
+            let values: Vec<f32> = outs.iter().map(|o| f(&o.extra)).collect();
+            shard::combine(b, shards, &values)
+        };
+        let values = LossValues {
+            total: shard::batch_loss(b, shards, &outs)?,
+            recon: part(|e| e.0),
+            kl: part(|e| e.1),
+        };
+        Ok((grads, values))
     }
 
     /// The deterministic reconstruction decode(mean) and its mean squared error.
@@ -912,16 +975,16 @@ pub fn train(
             &[config.batch_size, config.latent_channels, latent, latent],
             device,
         )?;
-        let loss = model.weighted_loss(&x, &noise, wgt.as_ref())?;
-        let value = loss.total.to_scalar::<f32>()?;
-        if !value.is_finite() {
+        let shards = shard::default_shards(config.batch_size);
+        let (grads, loss) = model.batch_backward(&x, &noise, wgt.as_ref(), &shards)?;
+        let value = loss.total;
+        let (Some(mut grads), true) = (grads, value.is_finite()) else {
             return Err(Error::NonFiniteLoss {
                 stage: STAGE.into(),
                 step: step + 1,
                 value,
             });
-        }
-        let mut grads = loss.total.backward()?;
+        };
         let grad_norm = clip_grad_norm(&mut grads, &vars, config.grad_clip)?;
         optimizer.step(&grads)?;
         step += 1;
@@ -929,8 +992,8 @@ pub fn train(
         let record = StepRecord {
             step,
             loss: value,
-            recon: loss.recon.to_scalar::<f32>()?,
-            kl: loss.kl.to_scalar::<f32>()?,
+            recon: loss.recon,
+            kl: loss.kl,
             grad_norm,
         };
         run.records.push(record);

@@ -19,6 +19,7 @@ use pixart_train::Error;
 use pixart_train::checkpoint;
 use pixart_train::dataset::Split;
 use pixart_train::seed::{self, Stream};
+use pixart_train::shard::ranges;
 use pixart_train::vae::{self, RunOptions, TrainableVae, VaeTrainConfig};
 use pixart_train::varmap::sorted_vars;
 
@@ -356,24 +357,71 @@ fn a_constant_weight_is_the_plain_loss() -> Result<()> {
     let config = tiny();
     let (model, x, noise) = two_images(&config)?;
     let plain = model.loss(&x, &noise)?.recon.to_scalar::<f32>()?;
+    let recon = |w: &Tensor| -> Result<f32> {
+        Ok(model
+            .batch_backward(&x, &noise, Some(w), &ranges(2, 1))?
+            .1
+            .recon)
+    };
     let three = Tensor::full(3f32, (2, 1, 64, 64), &Device::Cpu)?;
-    let same = model
-        .weighted_loss(&x, &noise, Some(&three))?
-        .recon
-        .to_scalar::<f32>()?;
+    let same = recon(&three)?;
     assert!(
         (plain - same).abs() <= 1e-6 * plain.abs(),
         "{plain} vs {same}"
     );
     let mask = vae::training_pool(&config, 2, None, &Device::Cpu)?.foreground;
     let w = (mask * 10.0)?.affine(1.0, 1.0)?;
-    let weighted = model
-        .weighted_loss(&x, &noise, Some(&w))?
-        .recon
-        .to_scalar::<f32>()?;
+    let weighted = recon(&w)?;
     assert!(
         (weighted - plain).abs() > 1e-4 * plain.abs(),
         "{plain} vs {weighted}"
     );
+    Ok(())
+}
+
+/// A step split into shards (one per core in training) computes the whole batch's loss and gradients,
+/// foreground weight included: every shard normalises by the batch's mean weight, not its own.
+#[test]
+fn sharded_steps_match_the_whole_batch() -> Result<()> {
+    let config = tiny();
+    let model = TrainableVae::new(&config, &Device::Cpu)?;
+    let x = vae::training_images(&config, 4, &Device::Cpu)?;
+    let noise = seed::randn(
+        &mut seed::rng(2, 0, Stream::Noise),
+        &[4, 4, 8, 8],
+        &Device::Cpu,
+    )?;
+    // Samples with shapes of different areas, so the shards' own mean weights differ from the batch's.
+    let mask = vae::training_pool(&config, 4, None, &Device::Cpu)?.foreground;
+    let w = (mask * 10.0)?.affine(1.0, 1.0)?;
+    let (whole_grads, whole) = model.batch_backward(&x, &noise, Some(&w), &ranges(4, 1))?;
+    let whole_grads = whole_grads.expect("a finite loss gives gradients");
+    for shards in [ranges(4, 2), ranges(4, 3)] {
+        let (grads, values) = model.batch_backward(&x, &noise, Some(&w), &shards)?;
+        let grads = grads.expect("a finite loss gives gradients");
+        for (name, a, b) in [
+            ("total", values.total, whole.total),
+            ("recon", values.recon, whole.recon),
+            ("kl", values.kl, whole.kl),
+        ] {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "{name} {shards:?}: {a} vs {b}"
+            );
+        }
+        for (name, var) in sorted_vars(model.varmap()) {
+            let (Some(g), Some(reference)) =
+                (grads.get(var.as_tensor()), whole_grads.get(var.as_tensor()))
+            else {
+                panic!("{name}: no gradient");
+            };
+            let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = max_abs_diff(g, reference)?;
+            assert!(
+                d <= 1e-4 * scale.max(1e-3),
+                "{name} {shards:?}: {d} (max |g| {scale})"
+            );
+        }
+    }
     Ok(())
 }

@@ -181,9 +181,11 @@ mod tests {
             })?;
             let grads = grads.expect("finite losses give gradients");
             let combined = batch_loss(7, &shards, &outs)?;
+            // Relative bounds: the loss and gradients are O(1–10) and f32 sums in another order differ by ulps.
+            let want = whole.to_scalar::<f32>()?;
             assert!(
-                (combined - whole.to_scalar::<f32>()?).abs() < 1e-6,
-                "{shards:?}"
+                (combined - want).abs() <= 2e-6 * want.abs().max(1.0),
+                "{shards:?}: {combined} vs {want}"
             );
             assert_eq!(outs.iter().map(|o| o.extra).sum::<usize>(), 7);
             for (name, var) in &vars {
@@ -192,7 +194,8 @@ mod tests {
                     .expect("every var has a gradient");
                 let theirs = reference.get(var.as_tensor()).expect("reference gradient");
                 let err = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(err < 1e-6, "{name} {shards:?}: {err}");
+                let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err <= 2e-6 * scale.max(1.0), "{name} {shards:?}: {err}");
             }
         }
         Ok(())

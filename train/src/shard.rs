@@ -5,9 +5,11 @@
 //! candle's own parallelism — each matmul and element-wise op split across the cores, with a barrier after
 //! each — spends more on synchronising than it gains: a teacher step took as long on one thread as on two.
 //! Two single-threaded halves of the batch, one per core, keep both cores busy with no barrier until the
-//! gradients are summed. The VAE's step is split the same way ([`crate::vae::TrainableVae::batch_backward`]):
-//! its element-wise ops (GroupNorm, SiLU) on 32×32 crops ran one core at a time between convolutions. The loss is a mean over samples, so the shards' losses weighted by their share of
-//! the batch sum to the whole batch's loss, and their gradients to its gradient; only f32 rounding differs.
+//! gradients are summed. The VAE's step is split the same way
+//! ([`crate::vae::TrainableVae::batch_backward`]): its element-wise ops (GroupNorm, SiLU) on 32×32 crops
+//! ran one core at a time between convolutions. The loss is a mean over samples, so the shards' losses
+//! weighted by their share of the batch sum to the whole batch's loss, and their gradients to its
+//! gradient; only f32 rounding differs.
 //!
 //! The shards run on rayon's global pool (the one candle's matmuls use), so a matmul inside a shard finds
 //! the other core busy with the other shard and runs inline instead of oversubscribing the cores.
